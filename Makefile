@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` the suite.
+# Everything installs into ./.venv; torch is the local CPU build (pip install torch==2.13.0).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fusion-node demo
+
+test: $(STAMP)
+	$(BIN)/fusion-node models fetch
+	FUSION_REQUIRE_WEIGHTS=1 $(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) demo-output

@@ -1,0 +1,68 @@
+"""Shared fixtures: where ../shared lives, GPU detection, weight availability."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FUSION_SHARED_DIR", REPO.parent / "shared"))
+DATA = SHARED / "data"
+REFERENCE = SHARED / "reference"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set FUSION_SHARED_DIR to the shared folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _require(REFERENCE, "reference material")
+
+
+@pytest.fixture(scope="session")
+def harvard_dir() -> Path:
+    return _require(DATA / "harvard", "Harvard fusion pairs")
+
+
+@pytest.fixture(scope="session")
+def cirs_dir() -> Path:
+    return _require(DATA / "cirs057a", "CIRS phantom DICOM pair")
+
+
+def pytest_collection_modifyitems(config, items):
+    from fusion.backend import cuda_available
+
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy (pip install .[gpu])")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vgg_weights():
+    """Path of the provisioned VGG16 weights.
+
+    Skips when they are absent, except when FUSION_REQUIRE_WEIGHTS=1 (set by
+    .ci/run after `fusion-node models fetch`), where absence is a failure.
+    """
+    from fusion.weights import WeightsUnavailableError, vgg16_weights_path
+
+    try:
+        return vgg16_weights_path(allow_download=False)
+    except WeightsUnavailableError as exc:
+        if os.environ.get("FUSION_REQUIRE_WEIGHTS") == "1":
+            pytest.fail(f"VGG16 weights required but missing: {exc}")
+        pytest.skip(f"VGG16 weights not provisioned: {exc}")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261122)

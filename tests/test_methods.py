@@ -1,0 +1,187 @@
+"""ADF, CBF and FPDE against VIFB's MATLAB outputs, plus the method contract.
+
+The reference outputs in ``reference/vifb/fused`` are JPEGs written by MATLAB
+``imwrite`` (quality 75, 4:2:0).  Two checks per (method, pair):
+
+- raw PSNR of our ``quantize=True`` result against the decoded JPEG (>= 32 dB; the
+  JPEG loss alone caps this at 31.6-47 dB on these pairs);
+- our result re-encoded with the reference file's own quantisation tables and chroma
+  subsampling must reproduce the reference JPEG (>= 50 dB; in practice bit-identical).
+  This is the check that proves the port exact rather than merely close.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, JpegImagePlugin
+
+from fusion.methods import available, get_method
+
+METHODS = ("adf", "cbf", "fpde")
+PAIRS = ("manWalking", "walking2", "running", "walkingnight", "snow", "carLight")
+
+RAW_PSNR_MIN = 32.0
+# FPDE on walking2 reaches 31.64 dB only: our output re-encoded with the reference's
+# JPEG settings is bit-identical to the reference file, so the whole gap is the
+# reference's own JPEG (quality 75) loss on this detailed image, not the port.
+RAW_PSNR_MIN_JPEG_LIMITED = {("fpde", "walking2"): 31.5}
+REENCODED_PSNR_MIN = 50.0
+
+
+def _psnr(x: np.ndarray, y: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def _channels_first(img: np.ndarray) -> np.ndarray:
+    return np.moveaxis(img, -1, 0) if img.ndim == 3 else img
+
+
+@functools.lru_cache(maxsize=None)
+def _load_pair(root: Path, pair: str) -> tuple[np.ndarray, np.ndarray]:
+    """VI and IR as float64 stacks on 0..1; a gray IR is broadcast to VI's channels."""
+    vi = _channels_first(np.asarray(Image.open(root / "input" / "VI" / f"{pair}.jpg"), np.float64))
+    ir = _channels_first(np.asarray(Image.open(root / "input" / "IR" / f"{pair}.jpg"), np.float64))
+    return vi / 255.0, np.broadcast_to(ir / 255.0, vi.shape)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_vifb_reference(reference_dir: Path, method: str, pair: str) -> None:
+    root = reference_dir / "vifb"
+    vi, ir = _load_pair(root, pair)
+    # VIFB's run_*(VI, IR) -> method(IR, VI); ours takes (anatomical=VI role, other=IR role).
+    fused = get_method(method)(vi, ir, quantize=True)
+    fused8 = np.rint(fused * 255.0).astype(np.uint8)
+
+    ref_img = Image.open(root / "fused" / f"{pair}_{method.upper()}.jpg")
+    ref = _channels_first(np.asarray(ref_img))
+    raw = _psnr(fused8, ref)
+
+    buf = io.BytesIO()
+    Image.fromarray(np.moveaxis(fused8, 0, -1)).save(
+        buf,
+        "JPEG",
+        qtables=ref_img.quantization,
+        subsampling=JpegImagePlugin.get_sampling(ref_img),
+    )
+    reencoded = _channels_first(np.asarray(Image.open(buf)))
+    reenc = _psnr(reencoded, ref)
+    exact = float(np.mean(reencoded == ref))
+    print(f"{method:5s} {pair:13s} PSNR {raw:6.2f} dB  re-encoded {reenc:6.2f} dB  exact {exact:.4f}")
+
+    assert reenc >= REENCODED_PSNR_MIN
+    assert raw >= RAW_PSNR_MIN_JPEG_LIMITED.get((method, pair), RAW_PSNR_MIN)
+
+
+@pytest.fixture
+def stack(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Three slices: smooth structure + noise, pure noise, and an all-black slice."""
+    yy, xx = np.mgrid[0:40, 0:56]
+    smooth = 0.5 + 0.4 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+    a = np.stack([np.clip(smooth + 0.05 * rng.standard_normal(smooth.shape), 0, 1),
+                  rng.random(smooth.shape), np.zeros_like(smooth)])
+    b = np.stack([np.clip(1 - smooth + 0.05 * rng.standard_normal(smooth.shape), 0, 1),
+                  rng.random(smooth.shape), np.zeros_like(smooth)])
+    return a, b
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_stack_equals_slices(stack, method: str, quantize: bool) -> None:
+    a, b = stack
+    fn = get_method(method)
+    whole = fn(a, b, quantize=quantize)
+    one_by_one = np.stack([fn(a[i], b[i], quantize=quantize) for i in range(a.shape[0])])
+    assert whole.shape == a.shape
+    np.testing.assert_array_equal(whole, one_by_one)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_dtype_and_range(stack, method: str, quantize: bool) -> None:
+    a, b = stack
+    fn = get_method(method)
+    out64 = fn(a, b, quantize=quantize)
+    out32 = fn(a.astype(np.float32), b.astype(np.float32), quantize=quantize)
+    assert out64.dtype == np.float64 and out32.dtype == np.float32
+    for out in (out64, out32):
+        assert np.all(np.isfinite(out))
+        assert out.min() >= 0.0 and out.max() <= 1.0
+    if quantize:
+        levels = out64 * 255.0
+        np.testing.assert_allclose(levels, np.rint(levels), atol=1e-9)
+    else:
+        # float32 tracks float64 (FPDE's 4th derivatives amplify rounding most).
+        np.testing.assert_allclose(out32, out64, atol=2e-3)
+    # All-black slice stays black.
+    assert np.all(out64[2] == 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_single_image_and_broadcast(stack, method: str) -> None:
+    a, b = stack
+    fn = get_method(method)
+    single = fn(a[0], b[0])
+    assert single.shape == a[0].shape
+    # A single "IR" image is shared by all slices of a stack, as VIFB does for gray IR.
+    np.testing.assert_array_equal(fn(a, b[0]), fn(a, np.broadcast_to(b[0], a.shape)))
+
+
+def test_rejects_integer_input() -> None:
+    img = np.zeros((8, 8), np.uint8)
+    with pytest.raises(TypeError):
+        get_method("adf")(img, img)
+
+
+def test_registry() -> None:
+    from fusion.methods import adf, cbf, fpde
+
+    assert {"adf", "cbf", "fpde"} <= set(available())
+    assert get_method("cbf") is cbf.cbf
+    assert get_method("ADF") is adf.adf
+    assert get_method("fpde") is fpde.fpde
+    with pytest.raises(KeyError) as exc:
+        get_method("no-such-method")
+    msg = str(exc.value)
+    assert "no-such-method" in msg
+    for name in ("adf", "cbf", "fpde"):
+        assert name in msg
+
+
+def test_cbf_window_strength_matches_literal_covariance(rng: np.random.Generator) -> None:
+    """The vectorised weight equals cbf_ieeeconf2011f's per-pixel sum(eig(covarf(.)))."""
+    from fusion.methods.cbf import window_strength
+
+    d = rng.standard_normal((9, 12)) * 20
+    padded = np.pad(d, 2, mode="reflect")  # per_extn_im_fn
+    expected = np.empty_like(d)
+    for i in range(d.shape[0]):
+        for j in range(d.shape[1]):
+            win = padded[i:i + 5, j:j + 5]
+            expected[i, j] = (np.linalg.eigvalsh(np.cov(win, rowvar=False)).sum()
+                              + np.linalg.eigvalsh(np.cov(win.T, rowvar=False)).sum())
+    np.testing.assert_allclose(window_strength(d), expected, rtol=1e-10, atol=1e-9)
+
+
+def test_pca_weights_match_eig(rng: np.random.Generator) -> None:
+    """Closed-form per-slice weights equal MATLAB's eig-based choice, slice by slice."""
+    from fusion.methods._common import pca_detail_weights
+
+    d1 = rng.standard_normal((4, 16, 16))
+    d2 = 0.7 * d1 + rng.standard_normal((4, 16, 16)) * np.array([0.1, 1, 3, 10])[:, None, None]
+    d2[3] = -d2[3]
+    p1, p2 = pca_detail_weights(d1, d2)
+    for s in range(4):
+        vals, vecs = np.linalg.eigh(np.cov(np.stack([d1[s].ravel(), d2[s].ravel()])))
+        v = vecs[:, np.argmax(vals)]
+        np.testing.assert_allclose([p1[s, 0, 0], p2[s, 0, 0]], v / v.sum(), rtol=1e-10)
+    # Both details zero: MATLAB's eig gives the identity and the code takes (1, 0).
+    z = np.zeros((8, 8))
+    assert [p.item() for p in pca_detail_weights(z, z)] == [1.0, 0.0]
