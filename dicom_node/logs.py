@@ -1,7 +1,7 @@
 """Structured logging: one JSON object per line, a stable ``event`` name first.
 
-Messages passed to the logger *are* the event names (``"fuse.done"``); details
-go in ``extra={"fields": {...}}``.  Never put patient names or IDs in either:
+A message starts with its event name (``"fuse.done"``); structured details go
+in ``extra=fields(...)``, and any free text after the name lands in ``detail``.  Never put patient names or IDs in either:
 log UIDs or counts instead.
 """
 
@@ -19,8 +19,11 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
         }
+        event, _, detail = record.getMessage().partition(" ")
+        doc["event"] = event
+        if detail:
+            doc["detail"] = detail
         doc.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)

@@ -57,10 +57,12 @@ def feature_gradients(
     dg = torch.as_tensor(dg_np, dtype=torch.float32, device=device)
 
     def sep(x: Any, ky: Any, kx: Any) -> Any:
-        # x: (B, 1, h, w); correlate rows with ky, columns with kx (replicate borders)
+        # x: (B, C, h, w); correlate rows with ky, columns with kx, channel by channel
+        # (depthwise convolution: ~8x faster on the CPU than folding channels into the batch)
+        c = x.shape[1]
         x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-        x = F.conv2d(x, ky.view(1, 1, -1, 1))
-        return F.conv2d(x, kx.view(1, 1, 1, -1))
+        x = F.conv2d(x, ky.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return F.conv2d(x, kx.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
 
     src = to_torch(xp.ascontiguousarray(images.astype(xp.float32, copy=False)))
     tensors = []
@@ -72,10 +74,9 @@ def feature_gradients(
             acc = torch.zeros((batch.shape[0], 3, h, w), dtype=torch.float32, device=device)
             for name in layers:
                 fmap = taps[name]
-                b, c, fh, fw = fmap.shape
-                flat = fmap.reshape(b * c, 1, fh, fw)
-                gx = sep(flat, g, dg).reshape(b, c, fh, fw)
-                gy = sep(flat, dg, g).reshape(b, c, fh, fw)
+                fh, fw = fmap.shape[-2:]
+                gx = sep(fmap, g, dg)
+                gy = sep(fmap, dg, g)
                 tensor = torch.stack(
                     [(gx * gx).mean(1), (gx * gy).mean(1), (gy * gy).mean(1)], dim=1
                 )

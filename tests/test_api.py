@@ -128,3 +128,18 @@ def test_metrics_on_hand_cases():
     assert average_gradient(ramp) == pytest.approx(3 / np.sqrt(2))
     # F equal to both sources keeps all edges: every pixel at the variant's ceiling
     assert qabf(x, x, x) == pytest.approx(0.9994 * 0.9879 / (1 + np.exp(-22 * 0.2)), rel=1e-3)
+
+
+def test_logs_are_json_with_stable_event_names():
+    import io
+    import json
+    import logging
+
+    from dicom_node import logs
+
+    buf = io.StringIO()
+    logs.setup("INFO", buf)
+    logging.getLogger("fusion.test").info("weights.verified path=%s", "/x", extra=logs.fields(seconds=0.5))
+    doc = json.loads(buf.getvalue())
+    assert doc["event"] == "weights.verified" and doc["detail"] == "path=/x" and doc["seconds"] == 0.5
+    assert doc["level"] == "info" and doc["logger"] == "fusion.test"
