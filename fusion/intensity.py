@@ -34,10 +34,10 @@ def to_unit(x: Any) -> Any:
     float64 stays float64, for callers who need CPU and GPU to agree closely.
     """
     xp = array_module(x)
-    if xp.issubdtype(x.dtype, xp.integer):
+    if np.issubdtype(x.dtype, np.integer):
         info = np.iinfo(x.dtype)
         return (x.astype(xp.float32) - info.min) / float(info.max - info.min)
-    if xp.issubdtype(x.dtype, xp.bool_):
+    if np.issubdtype(x.dtype, np.bool_):
         return x.astype(xp.float32)
     return x
 
