@@ -19,7 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fusion-node demo
 
-test: $(STAMP)
+# Real DICOM peers for the tests: DCMTK, dicom3tools (dciodvfy), Orthanc.
+TEST_TOOLS := /usr/bin/storescu /usr/bin/dciodvfy /usr/sbin/Orthanc
+$(TEST_TOOLS):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null
+
+test: $(STAMP) $(TEST_TOOLS)
 	$(BIN)/fusion-node models fetch
 	FUSION_REQUIRE_WEIGHTS=1 $(BIN)/python -m pytest
 

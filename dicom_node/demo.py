@@ -71,7 +71,7 @@ def run_demo(out: Path, device: str = "auto", max_pairs: int = 2) -> int:
         montage_png = out / f"{name}_montage.png"
         montage(rows, labels).save(montage_png)
         seconds = time.perf_counter() - t0
-        log.info("demo.pair.done", extra=logs.fields(pair=name, seconds=round(seconds, 3), source=source))
+        log.debug("demo.pair.done", extra=logs.fields(pair=name, seconds=round(seconds, 3), source=source))
         print(f"[{i}/{len(pairs)}] {name}: {seconds:.1f} s -> {fused_png.name}, {montage_png.name}", flush=True)
     print(f"\nDone. Open the PNGs in {out.resolve()}/ (the *_montage.png files show inputs, the three "
           "exposures, the DMF result and its weight maps).")
