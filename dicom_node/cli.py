@@ -1,7 +1,9 @@
 """``fusion-node``: the operator's command line.
 
-Subcommands so far: ``fuse`` (two image files to one), ``demo`` (the embedded
-default job), ``models fetch|info`` (VGG16 weights ahead of time).  Errors are
+``serve`` runs the node; ``init-config`` writes a commented example config;
+``status``, ``trigger``, ``jobs`` and ``outbox`` inspect and steer a node's
+database; ``fuse`` fuses two image files; ``demo`` is the embedded default job;
+``models fetch|info`` provisions the VGG16 weights ahead of time.  Errors are
 printed as one line saying what to do, with exit status 2 for bad input and 3
 for missing resources; ``--debug`` shows the traceback.
 """
@@ -103,9 +105,103 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dicom_node.demo import run_demo
+    from dicom_node import demo
 
-    return run_demo(args.out, device=args.device, max_pairs=args.pairs)
+    if args.pairs_only:
+        return demo.run_pair_demo(args.out, device=args.device, max_pairs=args.pairs)
+    return demo.run_node_demo(args.out, device=args.device, sample=args.sample)
+
+
+def _settings(args: argparse.Namespace):
+    from dicom_node.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    from dicom_node.config import EXAMPLE_TOML
+
+    if args.path.exists() and not args.force:
+        raise CliError(f"{args.path} exists; pass --force to overwrite it")
+    args.path.write_text(EXAMPLE_TOML)
+    print(f"wrote {args.path}; edit AE titles, destinations and pipelines, then: fusion-node serve --config {args.path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from dicom_node.service import Node
+
+    node = Node(_settings(args)).start()
+    print(f"fusion-node listening as {node.settings.node.ae_title} on port {node.port}; Ctrl-C stops", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: node._stop.set())
+    node.wait()
+    node.stop()
+    return 0
+
+
+def _offline_node(args: argparse.Namespace):
+    """The node's database parts without the network side, for inspection commands."""
+    from dicom_node.jobs import JobQueue
+    from dicom_node.outbox import Outbox
+    from dicom_node.pairing import Pairing
+    from dicom_node.store import Store
+
+    settings = _settings(args)
+    db_path = settings.storage.database_path
+    store, jobs, outbox = Store(settings.storage.root, db_path), JobQueue(db_path), Outbox(db_path, settings)
+    for part in (store, jobs, outbox):
+        part.ensure_schema()
+    return settings, store, jobs, outbox, Pairing(settings, store, jobs)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _, store, jobs, outbox, _ = _offline_node(args)
+    print("series:", store.counts())
+    print("jobs:  ", jobs.counts())
+    print("outbox:", outbox.summary())
+    return 0
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    _, _, _, _, pairing = _offline_node(args)
+    try:
+        pairing.trigger(args.series_uid)
+    except KeyError as exc:
+        raise CliError(str(exc)) from exc
+    jobs = pairing.pair_settled()
+    print(f"series {args.series_uid} settled; new jobs: {jobs or 'none (partner missing or job exists)'}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    _, _, jobs, _, _ = _offline_node(args)
+    if args.action == "retry":
+        for job_id in args.ids:
+            jobs.requeue(job_id)
+        print(f"requeued {len(args.ids)} job(s); a running node picks them up")
+        return 0
+    for j in jobs.list(args.state):
+        secs = (j.result or {}).get("seconds", "")
+        print(f"{j.id:5d} {j.state:8s} {j.pipeline:12s} attempts={j.attempts} {j.error or ''} {secs}")
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    _, _, _, outbox, _ = _offline_node(args)
+    if args.action == "retry":
+        n = outbox.retry(args.ids or None, destination=args.destination)
+        print(f"{n} item(s) due again; a running node sends them")
+        return 0
+    for item in outbox.list(state=args.state, destination=args.destination):
+        print(f"{item.id:6d} {item.destination:10s} {item.state:8s} attempts={item.attempts} "
+              f"{item.sop_instance_uid} {item.last_error or ''}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,10 +226,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="fetch again even if cached")
     m.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("demo", help="fuse sample pairs and write PNG previews (no services needed)")
+    def with_config(parser):
+        parser.add_argument("--config", type=Path, default=Path("node.toml"), help="node config (default ./node.toml)")
+        return parser
+
+    ic = sub.add_parser("init-config", help="write a commented example configuration")
+    ic.add_argument("path", type=Path, nargs="?", default=Path("node.toml"))
+    ic.add_argument("--force", action="store_true")
+    ic.set_defaults(func=cmd_init_config)
+
+    with_config(sub.add_parser("serve", help="run the node (SCP, pairing, jobs, outbox)")).set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("status", help="counts of series, jobs and outgoing items")).set_defaults(func=cmd_status)
+    t = with_config(sub.add_parser("trigger", help="declare a series complete now and pair it"))
+    t.add_argument("series_uid")
+    t.set_defaults(func=cmd_trigger)
+    j = with_config(sub.add_parser("jobs", help="list fusion jobs, or retry failed ones"))
+    j.add_argument("action", choices=("list", "retry"))
+    j.add_argument("ids", type=int, nargs="*")
+    j.add_argument("--state", choices=("queued", "running", "done", "failed"))
+    j.set_defaults(func=cmd_jobs)
+    o = with_config(sub.add_parser("outbox", help="list outgoing instances, or make dead/pending ones due again"))
+    o.add_argument("action", choices=("list", "retry"))
+    o.add_argument("ids", type=int, nargs="*")
+    o.add_argument("--state", choices=("pending", "sending", "sent", "dead"))
+    o.add_argument("--destination")
+    o.set_defaults(func=cmd_outbox)
+
+    d = sub.add_parser("demo", help="embedded demo: a node receives a CT+MR pair, fuses it, sends it to a local "
+                                    "destination; PNG previews (no services needed)")
+    d.add_argument("--sample", choices=("synthetic", "cirs"), default="synthetic",
+                   help="generated phantom pair (default, ~1 min) or the real CIRS phantom pair from ../shared")
+    d.add_argument("--pairs-only", action="store_true", help="instead: fuse Harvard image pairs into PNG montages")
     d.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for the PNGs (default ./demo-output)")
     d.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    d.add_argument("--pairs", type=int, default=2, help="sample pairs per modality subset (default 2)")
+    d.add_argument("--pairs", type=int, default=2, help="with --pairs-only: pairs per modality subset (default 2)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -11,7 +11,7 @@ from dicom_node.cli import main
 def test_demo_on_generated_phantom(tmp_path, monkeypatch, capsys, vgg_weights):
     monkeypatch.setenv("FUSION_SHARED_DIR", str(tmp_path / "no-shared-here"))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["demo", "--pairs-only", "--out", str(out), "--device", "cpu"]) == 0
     fused = np.asarray(Image.open(out / "SYNTHETIC_phantom_fused.png"))
     assert fused.shape == (256, 256) and fused.dtype == np.uint8 and fused.max() > 200
     assert Image.open(out / "SYNTHETIC_phantom_montage.png").size[0] > 5 * 256

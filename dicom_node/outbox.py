@@ -1,0 +1,609 @@
+"""Durable per-destination sending: an SQLite queue drained by C-STORE with retries, backoff and dead letters.
+
+Every instance the node must deliver is a row of table ``outbox`` (one per
+destination and SOP Instance UID).  Rows survive a restart: a row left
+``sending`` by a crash goes back to ``pending`` when the next :class:`Outbox`
+opens the database, and is sent again, which is harmless (C-STORE of the same
+SOP Instance UID replaces or is ignored by the peer).
+
+States::
+
+    pending --(process_due: claimed)--> sending --(0x0000 / warning)--> sent
+       ^                                   |
+       |---(failure, attempts < max)-------|
+                                           `--(attempts >= max, or unreadable file)--> dead
+    dead/pending --(retry)--> pending (attempts reset, due now)
+
+One association per destination and :meth:`Outbox.process_due` call carries
+all due items (up to :attr:`Outbox.batch_size`); every C-STORE response status
+is checked.  Logs name destinations, counts, statuses and UIDs, never patient
+names or IDs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.status import code_to_category
+
+from dicom_node import db
+from dicom_node.config import Destination, NodeSettings
+from dicom_node.logs import fields
+
+log = logging.getLogger("dicom_node.outbox")
+
+STATES = ("pending", "sending", "sent", "dead")
+
+#: a DICOM association negotiates at most 128 presentation contexts (odd IDs 1..255)
+MAX_CONTEXTS = 128
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination      TEXT    NOT NULL,
+    sop_instance_uid TEXT    NOT NULL,
+    sop_class_uid    TEXT    NOT NULL,
+    path             TEXT    NOT NULL,
+    job_id           INTEGER NULL,
+    state            TEXT    NOT NULL DEFAULT 'pending'
+                             CHECK (state IN ('pending', 'sending', 'sent', 'dead')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL    NOT NULL,
+    last_status      INTEGER NULL,
+    last_error       TEXT    NULL,
+    created_at       REAL    NOT NULL,
+    updated_at       REAL    NOT NULL,
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
+"""
+
+
+def ensure_schema(conn) -> None:
+    """Create the ``outbox`` table and its indexes if missing (idempotent)."""
+    conn.executescript(SCHEMA)
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    job_id: int | None
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def _from_row(cls, row) -> "OutboxItem":
+        return cls(
+            id=row["id"],
+            destination=row["destination"],
+            sop_instance_uid=row["sop_instance_uid"],
+            sop_class_uid=row["sop_class_uid"],
+            path=Path(row["path"]),
+            job_id=row["job_id"],
+            state=row["state"],
+            attempts=row["attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            last_status=row["last_status"],
+            last_error=row["last_error"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass
+class _Work:
+    """One claimed row during a send: the row plus what the file header says."""
+
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    attempts: int
+    transfer_syntax: UID | None = None
+
+
+def _status_hex(status: int | None) -> str | None:
+    return None if status is None else f"0x{status:04X}"
+
+
+def _context_key(sop_class: str, ts: UID) -> tuple[str, str]:
+    """Files sharing a key share a presentation context.
+
+    Uncompressed little-endian data (explicit, implicit, deflated) can be
+    re-encoded by pynetdicom into whichever of them the peer accepts, so all of
+    it shares one context; a compressed or big-endian syntax needs its own.
+    """
+    if not ts.is_compressed and ts.is_little_endian:
+        return sop_class, "le"
+    return sop_class, str(ts)
+
+
+class Outbox:
+    """The node's outgoing queue on ``db_path``; see the module docstring.
+
+    ``calling_ae`` overrides ``settings.node.ae_title`` as the calling AE
+    title.  ``recover_interrupted=False`` skips the crash recovery done on
+    construction (for read-only tools opened beside a running node).
+    """
+
+    #: most items carried by one association in one ``process_due`` call; the rest wait for the next call
+    batch_size = 1000
+
+    def __init__(
+        self,
+        db_path: Path,
+        settings: NodeSettings,
+        *,
+        calling_ae: str | None = None,
+        recover_interrupted: bool = True,
+    ) -> None:
+        self.db_path = Path(db_path)
+        self.settings = settings
+        self.calling_ae = calling_ae or settings.node.ae_title
+        self._local = threading.local()
+        self._conns: builtins.list = []
+        self._conns_lock = threading.Lock()
+        self._process_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ensure_schema()
+        if recover_interrupted:
+            self._recover()
+
+    # -- database -----------------------------------------------------------
+
+    def _conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = db.connect(self.db_path)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def _close_thread_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._conns_lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+            conn.close()
+
+    def ensure_schema(self) -> None:
+        ensure_schema(self._conn())
+
+    def _recover(self) -> None:
+        t = db.now()
+        with db.transaction(self._conn()) as conn:
+            n = conn.execute(
+                "UPDATE outbox SET state='pending', updated_at=? WHERE state='sending'", (t,)
+            ).rowcount
+        if n:
+            log.warning("outbox.recovered", extra=fields(items=n, reason="left 'sending' by an interrupted run"))
+
+    def close(self) -> None:
+        """Stop the worker and close the connections this object opened."""
+        self.stop()
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self._local = threading.local()
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- queueing -----------------------------------------------------------
+
+    def _check_destination(self, destination: str) -> Destination:
+        try:
+            return self.settings.destination(destination)
+        except KeyError:
+            names = ", ".join(repr(d.name) for d in self.settings.destinations) or "none"
+            raise ValueError(
+                f"unknown destination {destination!r}; configured destinations: {names}"
+            ) from None
+
+    def enqueue(self, destination: str, paths: Sequence[Path], job_id: int | None = None) -> int:
+        """Queue ``paths`` for ``destination``; returns how many rows are new.
+
+        Idempotent on (destination, SOP Instance UID): an instance already
+        queued, sent or dead is left as it is (revive dead ones with :meth:`retry`).
+        """
+        self._check_destination(destination)
+        entries: builtins.list[tuple[str, str, str]] = []
+        for p in paths:
+            path = Path(p).resolve()
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            except InvalidDicomError as exc:
+                raise ValueError(f"{path}: not a DICOM file ({exc})") from None
+            meta = getattr(ds, "file_meta", None)
+            sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+            sop_inst = ds.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else None)
+            if not sop_class or not sop_inst:
+                raise ValueError(f"{path}: no SOP Class UID / SOP Instance UID in the header")
+            entries.append((str(sop_inst), str(sop_class), str(path)))
+
+        t = db.now()
+        new = 0
+        with db.transaction(self._conn()) as conn:
+            for sop_inst, sop_class, path in entries:
+                new += conn.execute(
+                    "INSERT INTO outbox (destination, sop_instance_uid, sop_class_uid, path, job_id, state,"
+                    " attempts, next_attempt_at, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
+                    " ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
+                    (destination, sop_inst, sop_class, path, job_id, t, t, t),
+                ).rowcount
+        log.info(
+            "outbox.enqueued",
+            extra=fields(destination=destination, job_id=job_id, new=new, already_queued=len(entries) - new,
+                         sop_instance_uids=[e[0] for e in entries]),
+        )
+        if new:
+            self._wake.set()
+        return new
+
+    def retry(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
+        """Put dead (or pending) items back to pending, attempts reset, due now; returns how many.
+
+        ``ids`` and ``destination`` narrow the selection; with neither, every dead
+        and pending item is reset.  Sent items are never touched.
+        """
+        where = ["state IN ('dead', 'pending')"]
+        args: builtins.list = []
+        if ids is not None:
+            ids = [int(i) for i in ids]
+            if not ids:
+                return 0
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            args.extend(ids)
+        if destination is not None:
+            where.append("destination = ?")
+            args.append(destination)
+        t = db.now()
+        with db.transaction(self._conn()) as conn:
+            n = conn.execute(
+                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, updated_at=?"
+                f" WHERE {' AND '.join(where)}",
+                [t, t, *args],
+            ).rowcount
+        log.info("outbox.requeued", extra=fields(items=n, ids=ids, destination=destination))
+        if n:
+            self._wake.set()
+        return n
+
+    # -- inspection ---------------------------------------------------------
+
+    def list(self, state: str | None = None, destination: str | None = None,
+             job_id: int | None = None) -> "builtins.list[OutboxItem]":
+        """Items ordered by id, optionally filtered by state, destination and job."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+        where, args = [], []
+        for col, val in (("state", state), ("destination", destination), ("job_id", job_id)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = "SELECT * FROM outbox" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
+        return [OutboxItem._from_row(r) for r in self._conn().execute(sql, args)]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """``{destination: {state: count}}`` for configured destinations and any with rows; all four states present."""
+        out: dict[str, dict[str, int]] = {d.name: dict.fromkeys(STATES, 0) for d in self.settings.destinations}
+        for r in self._conn().execute("SELECT destination, state, COUNT(*) AS n FROM outbox GROUP BY destination, state"):
+            out.setdefault(r["destination"], dict.fromkeys(STATES, 0))[r["state"]] = r["n"]
+        return out
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no item is pending or sending (dead and sent do not count); False after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self._conn().execute("SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'sending')").fetchone()[0]
+            if n == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    # -- sending ------------------------------------------------------------
+
+    def process_due(self, now: float | None = None) -> dict[str, int]:
+        """Send every due item, one association per destination; returns ``{sent, retried, dead}``.
+
+        ``now`` (seconds, like :func:`dicom_node.db.now`) decides what is due and
+        is the base of the backoff; by default the wall clock.
+        """
+        counts = {"sent": 0, "retried": 0, "dead": 0}
+        with self._process_lock:
+            t = db.now() if now is None else now
+            conn = self._conn()
+            dests = [r[0] for r in conn.execute(
+                "SELECT DISTINCT destination FROM outbox WHERE state='pending' AND next_attempt_at <= ? ORDER BY destination",
+                (t,),
+            )]
+            for name in dests:
+                if self._stop.is_set():
+                    break
+                for k, v in self._process_destination(name, now).items():
+                    counts[k] += v
+        return counts
+
+    def _clock(self, now: float | None) -> float:
+        return db.now() if now is None else now
+
+    def _claim(self, destination: str, now: float | None) -> builtins.list[_Work]:
+        t = self._clock(now)
+        with db.transaction(self._conn()) as conn:
+            rows = conn.execute(
+                "SELECT id, sop_instance_uid, sop_class_uid, path, attempts FROM outbox"
+                " WHERE destination=? AND state='pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (destination, t, self.batch_size),
+            ).fetchall()
+            if rows:
+                ids = [r["id"] for r in rows]
+                conn.execute(
+                    f"UPDATE outbox SET state='sending', updated_at=? WHERE id IN ({','.join('?' * len(ids))})",
+                    [db.now(), *ids],
+                )
+        return [_Work(r["id"], r["sop_instance_uid"], r["sop_class_uid"], Path(r["path"]), r["attempts"]) for r in rows]
+
+    def _release(self, items: Sequence[_Work]) -> None:
+        """Hand claimed but untried items back unchanged (still due)."""
+        if not items:
+            return
+        ids = [w.id for w in items]
+        with db.transaction(self._conn()) as conn:
+            conn.execute(
+                f"UPDATE outbox SET state='pending', updated_at=? WHERE state='sending' AND id IN ({','.join('?' * len(ids))})",
+                [db.now(), *ids],
+            )
+
+    def _mark_sent(self, dest: str, w: _Work, status: int) -> None:
+        with db.transaction(self._conn()) as conn:
+            conn.execute(
+                "UPDATE outbox SET state='sent', attempts=attempts+1, last_status=?, last_error=NULL, updated_at=?"
+                " WHERE id=?",
+                (status, db.now(), w.id),
+            )
+        warning = status != 0x0000
+        log.log(
+            logging.WARNING if warning else logging.INFO,
+            "outbox.sent",
+            extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
+                         status=_status_hex(status), warning=warning),
+        )
+
+    def _mark_failed(self, dest: str, w: _Work, status: int | None, error: str, now: float | None,
+                     permanent: bool = False) -> str:
+        """Record a failed attempt; returns the new state ('pending' or 'dead')."""
+        cfg = self.settings.outbox
+        attempts = w.attempts + 1
+        t = self._clock(now)
+        dead = permanent or attempts >= cfg.max_attempts
+        delay = min(cfg.backoff_initial_s * 2 ** (attempts - 1), cfg.backoff_max_s)
+        next_at = t if dead else t + delay
+        with db.transaction(self._conn()) as conn:
+            conn.execute(
+                "UPDATE outbox SET state=?, attempts=?, next_attempt_at=?, last_status=?, last_error=?, updated_at=?"
+                " WHERE id=?",
+                ("dead" if dead else "pending", attempts, next_at, status, error, db.now(), w.id),
+            )
+        if dead:
+            log.error("outbox.dead", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
+                                                  attempts=attempts, status=_status_hex(status), error=error))
+            return "dead"
+        log.warning("outbox.retry", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
+                                                 attempts=attempts, status=_status_hex(status), error=error,
+                                                 retry_in_s=delay, next_attempt_at=next_at))
+        return "pending"
+
+    def _fail_all(self, dest: str, items: Sequence[_Work], status: int | None, error: str,
+                  now: float | None, counts: dict[str, int]) -> None:
+        for w in items:
+            state = self._mark_failed(dest, w, status, error, now)
+            counts["dead" if state == "dead" else "retried"] += 1
+
+    def _process_destination(self, name: str, now: float | None) -> dict[str, int]:
+        counts = {"sent": 0, "retried": 0, "dead": 0}
+        items = self._claim(name, now)
+        if not items:
+            return counts
+        try:
+            dest = self.settings.destination(name)
+        except KeyError:
+            self._fail_all(name, items, None, f"destination {name!r} is not configured", now, counts)
+            return counts
+
+        # Read each file's transfer syntax; unreadable files are dead at once (retrying cannot help).
+        readable: builtins.list[_Work] = []
+        for w in items:
+            try:
+                meta = pydicom.filereader.read_file_meta_info(w.path)
+                w.transfer_syntax = UID(meta.get("TransferSyntaxUID") or ImplicitVRLittleEndian)
+                readable.append(w)
+            except (OSError, InvalidDicomError) as exc:
+                self._mark_failed(name, w, None, f"cannot read {w.path}: {exc.__class__.__name__}: {exc}", now,
+                                  permanent=True)
+                counts["dead"] += 1
+
+        # Presentation contexts: each file's own syntax, plus both little-endian syntaxes for uncompressed data.
+        contexts: dict[tuple[str, str], builtins.list[str]] = {}
+        batch: builtins.list[_Work] = []
+        overflow: builtins.list[_Work] = []
+        for w in readable:
+            key = _context_key(w.sop_class_uid, w.transfer_syntax)
+            if key not in contexts:
+                if len(contexts) >= MAX_CONTEXTS:
+                    overflow.append(w)
+                    continue
+                contexts[key] = []
+            syntaxes = contexts[key]
+            if str(w.transfer_syntax) not in syntaxes:
+                syntaxes.insert(0 if key[1] == "le" else len(syntaxes), str(w.transfer_syntax))
+            batch.append(w)
+        self._release(overflow)
+        if not batch:
+            return counts
+        requested = []
+        for (sop_class, kind), syntaxes in contexts.items():
+            if kind == "le":
+                for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                    if ts not in syntaxes:
+                        syntaxes.append(ts)
+            requested.append(build_context(sop_class, syntaxes))
+
+        ae = AE(ae_title=self.calling_ae)
+        timeout = self.settings.node.network_timeout_s
+        ae.acse_timeout = timeout
+        ae.dimse_timeout = timeout
+        ae.network_timeout = timeout
+        ae.connection_timeout = min(timeout, 30.0)
+        where = dict(destination=name, ae_title=dest.ae_title, host=dest.host, port=dest.port)
+        try:
+            assoc = ae.associate(dest.host, dest.port, contexts=requested, ae_title=dest.ae_title)
+        except Exception as exc:  # bad address and the like
+            log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=str(exc)))
+            self._fail_all(name, batch, None, f"association failed: {exc}", now, counts)
+            return counts
+        if not assoc.is_established:
+            reason = self._association_failure(assoc)
+            log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=reason))
+            self._fail_all(name, batch, None, reason, now, counts)
+            return counts
+
+        statuses: dict[str, int] = {}
+        try:
+            for i, w in enumerate(batch):
+                if self._stop.is_set():
+                    self._release(batch[i:])
+                    break
+                if not assoc.is_established:
+                    reason = "association aborted by the peer or the network" if assoc.is_aborted else "association closed"
+                    log.error("outbox.association.failed", extra=fields(**where, items=len(batch) - i, reason=reason))
+                    self._fail_all(name, batch[i:], None, reason, now, counts)
+                    break
+                status, error, permanent = self._send_one(assoc, w)
+                if status is not None:
+                    statuses[_status_hex(status)] = statuses.get(_status_hex(status), 0) + 1
+                if status is not None and code_to_category(status) in ("Success", "Warning"):
+                    self._mark_sent(name, w, status)
+                    counts["sent"] += 1
+                else:
+                    state = self._mark_failed(name, w, status, error, now, permanent=permanent)
+                    counts["dead" if state == "dead" else "retried"] += 1
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        log.info("outbox.association.done", extra=fields(**where, **counts, statuses=statuses))
+        return counts
+
+    @staticmethod
+    def _association_failure(assoc) -> str:
+        prim = getattr(assoc.acceptor, "primitive", None)
+        if assoc.is_rejected and prim is not None:
+            return f"association rejected: {prim.result_str}, {prim.source_str}, {prim.reason_str}"
+        if prim is not None and getattr(prim, "result", None) == 0x00:
+            return "association aborted: the peer accepted no presentation context"
+        if assoc.is_aborted and prim is not None:
+            return "association aborted during negotiation"
+        return "connection failed: peer unreachable, refused or did not answer"
+
+    def _send_one(self, assoc, w: _Work) -> tuple[int | None, str | None, bool]:
+        """C-STORE one file: (status or None, error text, permanent?)."""
+        try:
+            ds = pydicom.dcmread(w.path)
+        except (OSError, InvalidDicomError) as exc:
+            return None, f"cannot read {w.path}: {exc.__class__.__name__}: {exc}", True
+        try:
+            rsp = assoc.send_c_store(ds)
+        except ValueError as exc:  # no accepted context for this SOP class / transfer syntax, or encoding failed
+            return None, f"not sent: {exc}", False
+        except (AttributeError, RuntimeError) as exc:
+            return None, f"not sent: {exc}", False
+        status = rsp.get("Status") if rsp is not None else None
+        if status is None:
+            return None, "no C-STORE response (timeout, abort or invalid response)", False
+        status = int(status)
+        category = code_to_category(status)
+        if category in ("Success", "Warning"):
+            return status, None, False
+        comment = rsp.get("ErrorComment")
+        return status, f"C-STORE {category.lower()} status {_status_hex(status)}" + (f": {comment}" if comment else ""), False
+
+    # -- background worker --------------------------------------------------
+
+    def start(self, poll_interval_s: float = 1.0) -> None:
+        """Run :meth:`process_due` in a daemon thread until :meth:`stop`; new work wakes it at once."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(poll_interval_s,), name="outbox", daemon=True)
+        self._thread.start()
+        log.info("outbox.started", extra=fields(poll_interval_s=poll_interval_s))
+
+    def _run(self, poll_interval_s: float) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                busy = False
+                try:
+                    counts = self.process_due()
+                    busy = any(counts.values())
+                except Exception:
+                    log.exception("outbox.error")
+                if busy:
+                    continue  # more may be due (a batch limit, items released); re-check at once
+                self._wake.wait(poll_interval_s)
+        finally:
+            self._close_thread_conn()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Ask the worker to finish (between two C-STOREs) and wait up to ``timeout`` s; True if it ended.
+
+        Items it had claimed and not tried go back to pending; if it is stuck
+        in a network call past ``timeout``, its rows stay 'sending' until it
+        returns or the next start recovers them.
+        """
+        thread = self._thread
+        if thread is None:
+            return True
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout)
+        alive = thread.is_alive()
+        if alive:
+            log.warning("outbox.stop.timeout", extra=fields(timeout_s=timeout))
+        else:
+            self._thread = None
+            log.info("outbox.stopped")
+        return not alive

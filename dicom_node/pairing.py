@@ -1,0 +1,143 @@
+"""When is a series complete, and which two complete series make a fusion job?
+
+Series states (column ``series.state``, owned by the store):
+
+``open`` -> ``settled`` (quiet period over, announced count reached, or manual
+trigger) -> ``paired`` (a job was made with it), ``unmatched`` (no pipeline
+selects it) or ``timed_out`` (a pipeline selects it but no partner settled in
+time).  A new instance re-opens a series (the store does that), so a late
+slice leads to a new job on the new inputs - while the same inputs settling
+twice map to the same job key and are processed once.
+
+Every decision is logged with its reason (events ``pairing.*``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable
+
+from dicom_node import db, logs
+from dicom_node.config import NodeSettings, Pipeline, SeriesSelector
+from dicom_node.jobs import JobQueue, input_key
+
+log = logging.getLogger("dicom_node.pairing")
+
+WAITING = ("settled", "paired")  # states whose series can still be a partner
+
+
+def selects(selector: SeriesSelector, series: Any) -> bool:
+    """Whether a series (a store record) fits a pipeline's base or overlay selector."""
+    if (series.modality or "").upper() not in selector.modality:
+        return False
+    if selector.description and not re.search(selector.description, series.series_description or "", re.IGNORECASE):
+        return False
+    return series.instance_count >= selector.min_instances
+
+
+def same_scope(pipeline: Pipeline, a: Any, b: Any) -> bool:
+    if a.series_uid == b.series_uid:
+        return False
+    if pipeline.match == "study":
+        return a.study_uid == b.study_uid
+    if pipeline.match == "patient":
+        return bool(a.patient_id) and a.patient_id == b.patient_id
+    return True  # "rule": the selectors alone decide
+
+
+class Pairing:
+    def __init__(self, settings: NodeSettings, store: Any, jobs: JobQueue):
+        self._settings, self._store, self._jobs = settings, store, jobs
+
+    # -- settling ---------------------------------------------------------------
+    def settle_due(self, now: float | None = None) -> list[str]:
+        """Settle every open received series whose quiet period is over or whose announced count arrived."""
+        now = db.now() if now is None else now
+        cfg = self._settings.settle
+        settled = []
+        for s in self._store.list_series(state="open", origin="received"):
+            reason = None
+            if cfg.use_announced_count and s.announced_count and s.instance_count >= s.announced_count:
+                reason = f"all {s.announced_count} announced instances received"
+            elif now - s.last_received >= cfg.quiet_seconds:
+                reason = f"no new instance for {now - s.last_received:.0f} s (quiet period {cfg.quiet_seconds:g} s)"
+            if reason:
+                self._settle(s, reason)
+                settled.append(s.series_uid)
+        return settled
+
+    def trigger(self, series_uid: str) -> None:
+        """Operator's manual trigger: settle now, whatever the quiet period says."""
+        s = self._store.get_series(series_uid)
+        if s is None:
+            raise KeyError(f"no series {series_uid} in the store")
+        self._settle(s, "manual trigger")
+
+    def _settle(self, s: Any, reason: str) -> None:
+        self._store.set_series_state(s.series_uid, "settled", reason)
+        log.info("pairing.series.settled", extra=logs.fields(
+            series_uid=s.series_uid, modality=s.modality, instances=s.instance_count, reason=reason))
+
+    # -- pairing ----------------------------------------------------------------
+    def pair_settled(self, now: float | None = None) -> list[int]:
+        """Turn settled series into jobs; give up on those whose partner never came."""
+        now = db.now() if now is None else now
+        new_jobs = []
+        candidates = [s for st in WAITING for s in self._store.list_series(state=st, origin="received")]
+        for s in [c for c in candidates if c.state == "settled"]:
+            fitting = [(p, role) for p in self._settings.pipelines for role in ("base", "overlay")
+                       if selects(getattr(p, role), s)]
+            if not fitting:
+                self._store.set_series_state(s.series_uid, "unmatched", "no pipeline selects this series")
+                log.info("pairing.series.unmatched", extra=logs.fields(
+                    series_uid=s.series_uid, modality=s.modality, instances=s.instance_count,
+                    reason="no pipeline selects this series"))
+                continue
+            made = False
+            for pipeline, role in fitting:
+                partner = self._partner(pipeline, role, s, candidates)
+                if partner is None:
+                    continue
+                base, overlay = (s, partner) if role == "base" else (partner, s)
+                job_id = self._make_job(pipeline, base, overlay)
+                if job_id is not None:
+                    new_jobs.append(job_id)
+                made = True
+            if made:
+                continue
+            waited = now - (s.state_changed or now)
+            timeout = min(p.partner_timeout_s for p, _ in fitting)
+            if waited >= timeout:
+                reason = (f"no partner series settled within {timeout:g} s for pipeline(s) "
+                          f"{', '.join(sorted({p.name for p, _ in fitting}))}")
+                self._store.set_series_state(s.series_uid, "timed_out", reason)
+                log.warning("pairing.partner.timeout", extra=logs.fields(series_uid=s.series_uid, reason=reason))
+        return new_jobs
+
+    def _partner(self, pipeline: Pipeline, role: str, s: Any, candidates: Iterable[Any]) -> Any | None:
+        other_role = "overlay" if role == "base" else "base"
+        options = [c for c in candidates if same_scope(pipeline, s, c) and selects(getattr(pipeline, other_role), c)]
+        if not options:
+            return None
+        # the partner acquired closest in time: the natural pair when a patient has several
+        return min(options, key=lambda c: abs(c.last_received - s.last_received))
+
+    def _make_job(self, pipeline: Pipeline, base: Any, overlay: Any) -> int | None:
+        key = input_key(pipeline.name,
+                        [i.sop_instance_uid for i in self._store.instances(base.series_uid)],
+                        [i.sop_instance_uid for i in self._store.instances(overlay.series_uid)])
+        job_id, created = self._jobs.enqueue(key, pipeline.name, base.series_uid, overlay.series_uid)
+        for s in (base, overlay):
+            if s.state != "paired":
+                self._store.set_series_state(s.series_uid, "paired", f"job {job_id} ({pipeline.name})")
+        log.info("pairing.job.created" if created else "pairing.job.exists", extra=logs.fields(
+            job_id=job_id, pipeline=pipeline.name, base_series_uid=base.series_uid,
+            overlay_series_uid=overlay.series_uid, base_instances=base.instance_count,
+            overlay_instances=overlay.instance_count))
+        return job_id if created else None
+
+    def sweep(self, now: float | None = None) -> list[int]:
+        """One pass: settle what is due, then pair. Called periodically by the service."""
+        self.settle_due(now)
+        return self.pair_settled(now)

@@ -1,0 +1,173 @@
+"""One fusion job: load -> register -> resample -> normalise -> fuse -> derive -> store -> queue for sending.
+
+The science lives in ``fusion``; this module moves data between DICOM and
+arrays and records how long each stage took (returned as the job's result,
+so ``fusion-node status`` and the logs can show it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from dicom_node import logs
+from dicom_node.config import NodeSettings, Pipeline
+
+log = logging.getLogger("dicom_node.pipeline")
+
+ANATOMICAL = ("MR",)
+COLOUR_MODALITIES = ("PT", "NM")
+#: slices fused per batch: bounds memory on 512x512 stacks and gives progress reports
+FUSE_BATCH = 16
+
+
+class JobError(RuntimeError):
+    """A job that cannot be done as configured; ``operator_message`` says what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.operator_message = message
+
+
+@dataclass
+class StageClock:
+    seconds: dict[str, float]
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _pipeline(settings: NodeSettings, name: str) -> Pipeline:
+    for p in settings.pipelines:
+        if p.name == name:
+            return p
+    raise JobError(f"pipeline {name!r} is no longer in the configuration; re-add it or delete the job")
+
+
+def _colourise(grey: np.ndarray) -> np.ndarray:
+    """PET/SPECT on 0..1 to RGB with a hot-iron style ramp (black-red-yellow-white)."""
+    r = np.clip(grey * 2.0, 0, 1)
+    g = np.clip(grey * 2.0 - 0.5, 0, 1)
+    b = np.clip(grey * 4.0 - 3.0, 0, 1)
+    return np.stack([r, g, b], axis=-1).astype(np.float32)
+
+
+def nearest_overlay_slices(base_img: Any, overlay_img: Any, transform: Any) -> list[list[int]]:
+    """For each base slice, the overlay slice index its centre maps into (empty when outside)."""
+    size = base_img.GetSize()
+    out = []
+    for k in range(size[2]):
+        centre = base_img.TransformContinuousIndexToPhysicalPoint(((size[0] - 1) / 2, (size[1] - 1) / 2, float(k)))
+        idx = overlay_img.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(centre))
+        z = int(round(idx[2]))
+        out.append([z] if 0 <= z < overlay_img.GetSize()[2] else [])
+    return out
+
+
+def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cache: dict | None = None) -> dict:
+    """Run one fusion job end to end; returns timings and what was produced."""
+    import SimpleITK as sitk
+
+    from dicom_node.derived import build_registration, build_sc_series, sc_series_description
+    from dicom_node.volume import GeometryError, load_series
+    from fusion.api import dmf_stack, merge_colour, split_colour
+    from fusion.backend import resolve_device, to_device, to_numpy
+    from fusion.intensity import normalise_for_modality, to_uint8
+    from fusion.registration import RegistrationParams, register_rigid, resample_onto
+
+    pipeline = _pipeline(settings, job.pipeline)
+    clock = StageClock({})
+    result: dict[str, Any] = {"pipeline": pipeline.name}
+
+    with clock.stage("load"):
+        try:
+            base = load_series([i.path for i in store.instances(job.base_series_uid)])
+            overlay = load_series([i.path for i in store.instances(job.overlay_series_uid)])
+        except GeometryError as exc:
+            raise JobError(f"cannot build a volume: {exc}") from exc
+    log.info("pipeline.loaded", extra=logs.fields(job_id=job.id, base=f"{base.modality} {base.image.GetSize()}",
+                                                  overlay=f"{overlay.modality} {overlay.image.GetSize()}"))
+
+    with clock.stage("register"):
+        if pipeline.registration.enabled:
+            params = RegistrationParams(**pipeline.registration.model_dump(exclude={"enabled"}))
+            reg = register_rigid(base.image, overlay.image, params)
+            transform, matrix = reg.transform, reg.matrix
+            result.update(translation_mm=[round(float(v), 2) for v in reg.translation_mm],
+                          rotation_deg=[round(float(v), 3) for v in reg.rotation_deg],
+                          registration_metric=round(float(reg.final_metric), 5),
+                          registration_overlap=round(float(reg.overlap), 4))
+        else:
+            transform, matrix = sitk.Euler3DTransform(), np.eye(4)
+    log.info("pipeline.registered", extra=logs.fields(job_id=job.id, **{k: v for k, v in result.items() if k != "pipeline"}))
+
+    with clock.stage("resample"):
+        # outside the overlay's field of view: its own minimum (air), not 0 (water in HU)
+        outside = float(sitk.GetArrayViewFromImage(overlay.image).min())
+        moved = resample_onto(overlay.image, base.image, transform, default_value=outside)
+        base_arr = sitk.GetArrayFromImage(base.image)
+        over_arr = sitk.GetArrayFromImage(moved)
+
+    with clock.stage("normalise"):
+        window = pipeline.ct_window or None
+        base_n = normalise_for_modality(base_arr, base.modality, ct_window=window, units=base.units)
+        over_n = normalise_for_modality(over_arr, overlay.modality, ct_window=window, units=overlay.units)
+        if base.modality in ANATOMICAL or overlay.modality not in ANATOMICAL:
+            a, b, other_modality = base_n, over_n, overlay.modality
+        else:
+            a, b, other_modality = over_n, base_n, base.modality
+        if other_modality in COLOUR_MODALITIES:
+            b = _colourise(b)
+
+    device = resolve_device(settings.device)
+    model = None
+    if pipeline.feature_source == "vgg":
+        from fusion.features import load_vgg16
+
+        model = (model_cache or {}).get(device) or load_vgg16(device=device)
+        if model_cache is not None:
+            model_cache[device] = model
+
+    with clock.stage("fuse"):
+        a_d, b_d, chroma = split_colour(to_device(a.astype(np.float32), device), to_device(b.astype(np.float32), device))
+        n = a_d.shape[0]
+        fused = []
+        for start in range(0, n, FUSE_BATCH):
+            sl = slice(start, start + FUSE_BATCH)
+            res = dmf_stack(a_d[sl], b_d[sl], trio=pipeline.trio, feature_source=pipeline.feature_source, model=model)
+            part = merge_colour(res.fused, None if chroma is None else chroma[sl])
+            fused.append(to_numpy(part))
+            log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.id, slices_done=min(start + FUSE_BATCH, n),
+                                                                 slices_total=n))
+        fused8 = to_uint8(np.concatenate(fused))
+
+    with clock.stage("encode"):
+        trio = "+".join(m.upper() for m in pipeline.trio)
+        description = sc_series_description(pipeline.name, base.modality, overlay.modality, None)
+        derivation = (f"DMF fusion of {overlay.modality} onto {base.modality}: {trio} exposures, "
+                      f"{'VGG16 feature' if pipeline.feature_source == 'vgg' else 'image'} gradients, "
+                      f"rigid Mattes-MI registration")
+        sc = build_sc_series(base.headers, overlay.headers, fused8, uid_root=settings.uid_root,
+                             series_description=description, derivation_description=derivation[:1024],
+                             overlay_index=nearest_overlay_slices(base.image, overlay.image, transform))
+        reg = build_registration(base.headers, overlay.headers, matrix, uid_root=settings.uid_root)
+        stored = [store.store_dataset(ds, origin="derived") for ds in [*sc, reg]]
+
+    with clock.stage("queue"):
+        paths = [r.path for r in stored]
+        for dest in pipeline.destinations:
+            outbox.enqueue(dest, paths, job_id=job.id)
+
+    result.update(seconds=clock.seconds, sc_series_uid=sc[0].SeriesInstanceUID,
+                  reg_sop_instance_uid=reg.SOPInstanceUID, instances=len(sc), device=device)
+    return result
