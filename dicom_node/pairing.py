@@ -72,10 +72,16 @@ class Pairing:
         s = self._store.get_series(series_uid)
         if s is None:
             raise KeyError(f"no series {series_uid} in the store")
-        self._settle(s, "manual trigger")
+        self._settle(s, "manual trigger", only_if_unchanged=False)
 
-    def _settle(self, s: Any, reason: str) -> None:
-        self._store.set_series_state(s.series_uid, "settled", reason)
+    def _settle(self, s: Any, reason: str, *, only_if_unchanged: bool = True) -> None:
+        # compare-and-set: an instance that arrived since we read the series keeps it open
+        if not self._store.set_series_state(s.series_uid, "settled", reason,
+                                            expected_state=s.state if only_if_unchanged else None,
+                                            unchanged_since=s.last_received if only_if_unchanged else None):
+            log.info("pairing.series.settle_skipped", extra=logs.fields(
+                series_uid=s.series_uid, reason="changed while deciding (new instance)"))
+            return
         log.info("pairing.series.settled", extra=logs.fields(
             series_uid=s.series_uid, modality=s.modality, instances=s.instance_count, reason=reason))
 

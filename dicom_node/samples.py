@@ -139,9 +139,10 @@ def write_synthetic_pair(out_dir: Path, *, offset_mm=(14.0, -9.0, 6.0), rotation
                          seed: int = 11) -> tuple[Path, Path]:
     """Write a CT-like and an MR-like DICOM series of one phantom into ``out_dir/CT`` and ``out_dir/MR``.
 
-    Same patient and study, different frames of reference; the MR is acquired on
-    its own grid, shifted by ``offset_mm`` and rotated about the head's axis, so a
-    registration has something real to find.  Returns the two folders.
+    Same patient and study, different frames of reference and grids.  Between the
+    scans the head moved: a point ``p`` of the CT is at ``R p + offset_mm`` in the
+    MR, ``R`` a rotation by ``rotation_deg`` about the z axis - the transform a
+    registration (CT fixed, MR moving) must find.  Returns the two folders.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -154,21 +155,23 @@ def write_synthetic_pair(out_dir: Path, *, offset_mm=(14.0, -9.0, 6.0), rotation
               "StudyID": "1", "AccessionNumber": "SYN1", "ReferringPhysicianName": "", "StudyDescription": "Head phantom"}
 
     def write(kind: str, shape, spacing, slice_gap, values, rot_deg, shift, sop_class, extra):
+        # the grid is axis-aligned and centred on 0; the *phantom* is moved by (rot_deg, shift), as a
+        # head that moved between the two scans
+
         folder = out_dir / kind
         folder.mkdir(parents=True, exist_ok=True)
         rows, cols, nz = shape
         th = np.deg2rad(rot_deg)
-        row_dir = np.array([np.cos(th), np.sin(th), 0.0])  # direction along a row (columns increase)
-        col_dir = np.array([-np.sin(th), np.cos(th), 0.0])
-        normal = np.cross(row_dir, col_dir)
-        centre = np.array(shift)
-        origin = centre - row_dir * spacing * (cols - 1) / 2 - col_dir * spacing * (rows - 1) / 2 - normal * slice_gap * (nz - 1) / 2
+        rot = np.array([[np.cos(th), -np.sin(th), 0.0], [np.sin(th), np.cos(th), 0.0], [0.0, 0.0, 1.0]])
+        row_dir, col_dir, normal = np.eye(3)
+        origin = -row_dir * spacing * (cols - 1) / 2 - col_dir * spacing * (rows - 1) / 2 - normal * slice_gap * (nz - 1) / 2
         series_uid, for_uid = generate_uid(), generate_uid()
         j, i = np.meshgrid(np.arange(cols), np.arange(rows))
         for k in range(nz):
             pos = origin + normal * slice_gap * k
             pts = pos[:, None, None] + row_dir[:, None, None] * spacing * j + col_dir[:, None, None] * spacing * i
-            lab = _phantom_labels(pts[0], pts[1], pts[2])
+            q = np.einsum("ji,jhw->ihw", rot, pts - np.asarray(shift, float)[:, None, None])  # R^T (p - t)
+            lab = _phantom_labels(q[0], q[1], q[2])
             img = values[lab] + rng.normal(0, extra["noise"], lab.shape)
             ds = pydicom.Dataset()
             ds.file_meta = FileMetaDataset()
