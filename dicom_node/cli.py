@@ -154,7 +154,8 @@ def _offline_node(args: argparse.Namespace):
 
     settings = _settings(args)
     db_path = settings.storage.database_path
-    store, jobs, outbox = Store(settings.storage.root, db_path), JobQueue(db_path), Outbox(db_path, settings)
+    store, jobs = Store(settings.storage.root, db_path), JobQueue(db_path)
+    outbox = Outbox(db_path, settings, recover_interrupted=False)  # a running node may own 'sending' rows
     for part in (store, jobs, outbox):
         part.ensure_schema()
     return settings, store, jobs, outbox, Pairing(settings, store, jobs)

@@ -35,7 +35,8 @@ def _check_ae(value: str) -> str:
 class NodeConfig(_Model):
     ae_title: str = "FUSIONNODE"
     host: str = "0.0.0.0"
-    port: int = Field(11112, ge=1, le=65535)
+    #: 0 = any free port (the demo and tests use it; the bound port is logged)
+    port: int = Field(11112, ge=0, le=65535)
     #: calling AE titles allowed to associate; empty = anyone
     allowed_callers: list[str] = []
     max_associations: int = Field(10, ge=1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ from typing import Sequence
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.status import code_to_category
 
 from dicom_node import db
@@ -120,6 +122,23 @@ class _Work:
     path: Path
     attempts: int
     transfer_syntax: UID | None = None
+
+
+def _no_delay(event) -> None:
+    """Disable Nagle on the association's socket.
+
+    pynetdicom writes a C-STORE as several small PDUs; with Nagle on, the
+    peer's delayed ACK stalls every request by ~40 ms.  Measured on loopback,
+    100 small instances: to a pynetdicom SCP 5.2 s -> 0.8 s; to DCMTK storescp
+    9.7 s -> 5.0 s (storescp itself needs ~90 ms per instance, also from
+    DCMTK's own storescu).
+    """
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # pragma: no cover - best effort, TLS wrappers included
+        pass
 
 
 def _status_hex(status: int | None) -> str | None:
@@ -343,6 +362,9 @@ class Outbox:
         ``now`` (seconds, like :func:`dicom_node.db.now`) decides what is due and
         is the base of the backoff; by default the wall clock.
         """
+        return self._process_due(now, cancel=None)
+
+    def _process_due(self, now: float | None, cancel: threading.Event | None) -> dict[str, int]:
         counts = {"sent": 0, "retried": 0, "dead": 0}
         with self._process_lock:
             t = db.now() if now is None else now
@@ -352,9 +374,9 @@ class Outbox:
                 (t,),
             )]
             for name in dests:
-                if self._stop.is_set():
+                if cancel is not None and cancel.is_set():
                     break
-                for k, v in self._process_destination(name, now).items():
+                for k, v in self._process_destination(name, now, cancel).items():
                     counts[k] += v
         return counts
 
@@ -433,11 +455,25 @@ class Outbox:
             state = self._mark_failed(dest, w, status, error, now)
             counts["dead" if state == "dead" else "retried"] += 1
 
-    def _process_destination(self, name: str, now: float | None) -> dict[str, int]:
+    def _process_destination(self, name: str, now: float | None, cancel: threading.Event | None) -> dict[str, int]:
         counts = {"sent": 0, "retried": 0, "dead": 0}
         items = self._claim(name, now)
         if not items:
             return counts
+        try:
+            self._send_claimed(name, items, now, cancel, counts)
+        except Exception as exc:
+            # never leave claimed rows 'sending' behind an unexpected error: count it as a failed attempt
+            log.exception("outbox.error", extra=fields(destination=name, items=len(items)))
+            ids = [w.id for w in items]
+            left = {r[0] for r in self._conn().execute(
+                f"SELECT id FROM outbox WHERE state='sending' AND id IN ({','.join('?' * len(ids))})", ids)}
+            self._fail_all(name, [w for w in items if w.id in left], None,
+                           f"internal error: {exc.__class__.__name__}: {exc}", now, counts)
+        return counts
+
+    def _send_claimed(self, name: str, items: builtins.list[_Work], now: float | None,
+                      cancel: threading.Event | None, counts: dict[str, int]) -> dict[str, int]:
         try:
             dest = self.settings.destination(name)
         except KeyError:
@@ -448,7 +484,7 @@ class Outbox:
         readable: builtins.list[_Work] = []
         for w in items:
             try:
-                meta = pydicom.filereader.read_file_meta_info(w.path)
+                meta = read_file_meta_info(w.path)
                 w.transfer_syntax = UID(meta.get("TransferSyntaxUID") or ImplicitVRLittleEndian)
                 readable.append(w)
             except (OSError, InvalidDicomError) as exc:
@@ -490,7 +526,8 @@ class Outbox:
         ae.connection_timeout = min(timeout, 30.0)
         where = dict(destination=name, ae_title=dest.ae_title, host=dest.host, port=dest.port)
         try:
-            assoc = ae.associate(dest.host, dest.port, contexts=requested, ae_title=dest.ae_title)
+            assoc = ae.associate(dest.host, dest.port, contexts=requested, ae_title=dest.ae_title,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
         except Exception as exc:  # bad address and the like
             log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=str(exc)))
             self._fail_all(name, batch, None, f"association failed: {exc}", now, counts)
@@ -504,7 +541,7 @@ class Outbox:
         statuses: dict[str, int] = {}
         try:
             for i, w in enumerate(batch):
-                if self._stop.is_set():
+                if cancel is not None and cancel.is_set():
                     self._release(batch[i:])
                     break
                 if not assoc.is_established:
@@ -548,8 +585,8 @@ class Outbox:
             rsp = assoc.send_c_store(ds)
         except ValueError as exc:  # no accepted context for this SOP class / transfer syntax, or encoding failed
             return None, f"not sent: {exc}", False
-        except (AttributeError, RuntimeError) as exc:
-            return None, f"not sent: {exc}", False
+        except Exception as exc:  # AttributeError, RuntimeError (association gone), encoding errors ...
+            return None, f"not sent: {exc.__class__.__name__}: {exc}", False
         status = rsp.get("Status") if rsp is not None else None
         if status is None:
             return None, "no C-STORE response (timeout, abort or invalid response)", False
@@ -577,7 +614,7 @@ class Outbox:
                 self._wake.clear()
                 busy = False
                 try:
-                    counts = self.process_due()
+                    counts = self._process_due(None, cancel=self._stop)
                     busy = any(counts.values())
                 except Exception:
                     log.exception("outbox.error")

@@ -31,7 +31,6 @@ class Node:
         self.jobs = JobQueue(db_path)
         self.jobs.ensure_schema()
         self.outbox = Outbox(db_path, settings)
-        self.outbox.ensure_schema()
         self.pairing = Pairing(settings, self.store, self.jobs)
         self._models: dict[str, Any] = {}
         self.executor = Executor(self.jobs, self._run_job, workers=settings.workers)
