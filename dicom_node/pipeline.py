@@ -62,18 +62,6 @@ def _colourise(grey: np.ndarray) -> np.ndarray:
     return np.stack([r, g, b], axis=-1).astype(np.float32)
 
 
-def nearest_overlay_slices(base_img: Any, overlay_img: Any, transform: Any) -> list[list[int]]:
-    """For each base slice, the overlay slice index its centre maps into (empty when outside)."""
-    size = base_img.GetSize()
-    out = []
-    for k in range(size[2]):
-        centre = base_img.TransformContinuousIndexToPhysicalPoint(((size[0] - 1) / 2, (size[1] - 1) / 2, float(k)))
-        idx = overlay_img.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(centre))
-        z = int(round(idx[2]))
-        out.append([z] if 0 <= z < overlay_img.GetSize()[2] else [])
-    return out
-
-
 def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cache: dict | None = None) -> dict:
     """Run one fusion job end to end; returns timings and what was produced."""
     import SimpleITK as sitk
@@ -159,8 +147,9 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
                       f"rigid Mattes-MI registration")
         sc = build_sc_series(base.headers, overlay.headers, fused8, uid_root=settings.uid_root,
                              series_description=description, derivation_description=derivation[:1024],
-                             overlay_index=nearest_overlay_slices(base.image, overlay.image, transform))
-        reg = build_registration(base.headers, overlay.headers, matrix, uid_root=settings.uid_root)
+                             base_to_overlay=matrix)
+        reg = build_registration(base.headers, overlay.headers, matrix, uid_root=settings.uid_root,
+                                 content_label="RIGID_MI")
         stored = [store.store_dataset(ds, origin="derived") for ds in [*sc, reg]]
 
     with clock.stage("queue"):
