@@ -188,8 +188,8 @@ class Executor:
                                                        trace=traceback.format_exc(limit=8)))
             return True
         self._queue.finish(job.id, result)
-        log.info("job.done", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, **{
-            k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("job_id", "pipeline")}
+        log.info("job.done", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, **scalars))
         return True
 
     def _loop(self) -> None:

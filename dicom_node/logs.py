@@ -30,15 +30,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+#: third-party loggers and the least severe level let through: their messages can quote
+#: element values (names, IDs) at debug/info level, so only their errors reach the log
+_LIBRARY_LEVELS = {"pynetdicom": "WARNING", "pydicom": "ERROR"}
+
+
 def setup(level: str = "INFO", stream=None) -> None:
-    """Route the ``fusion`` and ``dicom_node`` loggers to one JSON stream (stderr by default)."""
+    """Route our loggers (and the DICOM libraries' warnings) to one JSON stream (stderr by default).
+
+    pydicom's ``warnings`` (e.g. "Invalid value for VR ...") quote element values,
+    which can be patient names; they are silenced here for the same reason.
+    """
+    import warnings
+
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("fusion", "dicom_node"):
+    for name, lvl in [("fusion", level), ("dicom_node", level), *_LIBRARY_LEVELS.items()]:
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
-        log.setLevel(level.upper())
+        log.setLevel(lvl.upper())
         log.propagate = False
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
 def fields(**kw) -> dict:

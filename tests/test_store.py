@@ -1,0 +1,253 @@
+"""The instance store: atomic placement, idempotence, the series state rules pairing relies on."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_helpers import UID_PREFIX, make_image, write
+from dicom_node import store as store_mod
+from dicom_node.store import InvalidInstanceError, Store, StoreError
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    s = Store(tmp_path / "data", tmp_path / "data" / "node.sqlite")
+    s.ensure_schema()
+    return s
+
+
+def put(store: Store, ds, calling_ae: str = "MODALITY", origin: str = "received"):
+    tmp = write(ds, store.new_tmp_path())
+    return store.store_received(tmp, calling_ae, origin=origin), tmp
+
+
+def test_schema_is_idempotent_and_has_the_query_columns(store):
+    store.ensure_schema()
+    conn = sqlite3.connect(store.db_path)
+    cols = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in ("studies", "series", "instances")}
+    assert {"patient_id", "patient_name", "patient_birth_date", "patient_sex", "study_date", "study_time",
+            "accession_number", "study_description", "study_id", "referring_physician_name",
+            "specific_character_set"} <= cols["studies"]
+    assert {"modality", "series_description", "series_number", "frame_of_reference_uid", "body_part",
+            "announced_count", "instance_count", "first_received", "last_received", "state", "state_reason",
+            "state_changed", "origin"} <= cols["series"]
+    assert {"sop_class_uid", "transfer_syntax_uid", "instance_number", "path", "size_bytes", "received_at",
+            "calling_ae"} <= cols["instances"]
+    indexes = {r[1] for r in conn.execute("SELECT * FROM sqlite_master WHERE type = 'index'")}
+    assert {"series_state", "instances_series"} <= indexes
+
+
+def test_store_received_places_and_indexes(store):
+    ds = make_image(SeriesDescription="AX T1", BodyPartExamined="HEAD", ImagesInAcquisition=3, modality="MR")
+    result, tmp = put(store, ds)
+    assert not result.duplicate and not tmp.exists()
+    expected = store.root / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert result.path == expected and expected.is_file()
+    assert dcmread(expected).PixelData == ds.PixelData
+
+    series = store.get_series(ds.SeriesInstanceUID)
+    assert series.instance_count == 1 and series.announced_count == 3 and series.state == "open"
+    assert series.modality == "MR" and series.series_description == "AX T1" and series.body_part == "HEAD"
+    assert series.origin == "received" and series.patient_id == "TEST-PATIENT" and series.study_date == "20260101"
+    assert series.first_received == series.last_received is not None
+    assert "TEST-PATIENT" not in repr(series) and "Test^Patient" not in repr(series)  # safe to log by accident
+
+    (inst,) = store.instances(ds.SeriesInstanceUID)
+    assert inst.path == expected and inst.size_bytes == expected.stat().st_size
+    assert inst.calling_ae == "MODALITY" and inst.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert (inst.rows, inst.columns) == (16, 16)
+    # paths are stored relative to the root, so a data folder can be moved
+    raw = sqlite3.connect(store.db_path).execute("SELECT path FROM instances").fetchone()[0]
+    assert not os.path.isabs(raw)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_duplicate_is_success_and_not_stored_again(store):
+    ds = make_image()
+    first, _ = put(store, ds)
+    before = first.path.stat()
+    second, tmp = put(store, ds)
+    assert second.duplicate and second.path == first.path
+    assert not tmp.exists()
+    assert first.path.stat().st_mtime_ns == before.st_mtime_ns
+    assert store.get_series(ds.SeriesInstanceUID).instance_count == 1
+    assert store.counts().instances == 1
+
+
+def test_new_instance_reopens_a_settled_series_but_a_duplicate_does_not(store):
+    ds = make_image(instance_number=1)
+    put(store, ds)
+    uid = ds.SeriesInstanceUID
+    assert store.set_series_state(uid, "settled", "quiet period elapsed")
+    put(store, ds)  # duplicate: nothing new arrived
+    assert store.get_series(uid).state == "settled"
+
+    more = make_image(study_uid=ds.StudyInstanceUID, series_uid=uid, instance_number=2)
+    put(store, more)
+    rec = store.get_series(uid)
+    assert rec.state == "open" and rec.state_reason == store_mod.REOPEN_REASON and rec.instance_count == 2
+    assert rec.state_changed >= rec.last_received
+
+
+def test_set_series_state_compare_and_set(store):
+    ds = make_image()
+    put(store, ds)
+    uid = ds.SeriesInstanceUID
+    seen = store.get_series(uid)
+    assert not store.set_series_state(uid, "settled", "x", expected_state="failed")
+    assert not store.set_series_state(uid, "settled", "x", unchanged_since=seen.last_received - 1)
+    assert store.get_series(uid).state == "open"
+    assert store.set_series_state(uid, "settled", "quiet", expected_state="open", unchanged_since=seen.last_received)
+    rec = store.get_series(uid)
+    assert rec.state == "settled" and rec.state_reason == "quiet"
+    with pytest.raises(KeyError):
+        store.set_series_state("1.2.3.4", "settled", "x")
+
+
+def test_list_series_filters_and_store_dataset_marks_derived(store):
+    a = make_image(modality="CT")
+    put(store, a)
+    derived = make_image(study_uid=a.StudyInstanceUID, modality="OT", sop_class="1.2.840.10008.5.1.4.1.1.7")
+    del derived.file_meta  # store_dataset completes the file meta
+    res = store.store_dataset(derived)
+    assert not res.duplicate and res.path.is_file()
+    assert dcmread(res.path).file_meta.MediaStorageSOPInstanceUID == derived.SOPInstanceUID
+    assert [s.series_uid for s in store.list_series(origin="derived")] == [derived.SeriesInstanceUID]
+    assert [s.series_uid for s in store.list_series(origin="received")] == [a.SeriesInstanceUID]
+    assert len(store.list_series()) == 2 and len(store.list_series(state="open")) == 2
+    store.set_series_state(a.SeriesInstanceUID, "failed", "test")
+    assert [s.series_uid for s in store.list_series(state="failed")] == [a.SeriesInstanceUID]
+    assert store.store_dataset(derived).duplicate
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_instances_sorted_by_number_then_uid(store):
+    series_uid, study_uid = generate_uid(UID_PREFIX), generate_uid(UID_PREFIX)
+    numbers = [3, 1, 2, None, 2]
+    for n in numbers:
+        ds = make_image(series_uid=series_uid, study_uid=study_uid, instance_number=n or 1)
+        if n is None:
+            del ds.InstanceNumber
+        put(store, ds)
+    got = store.instances(series_uid)
+    assert [i.instance_number for i in got] == [1, 2, 2, 3, None]
+    twos = [i.sop_instance_uid for i in got if i.instance_number == 2]
+    assert twos == sorted(twos)
+
+
+def test_counts(store):
+    study = generate_uid(UID_PREFIX)
+    s1, s2 = generate_uid(UID_PREFIX), generate_uid(UID_PREFIX)
+    for series, n in ((s1, 3), (s2, 2)):
+        for i in range(n):
+            put(store, make_image(study_uid=study, series_uid=series, instance_number=i + 1))
+    store.set_series_state(s2, "settled", "test")
+    c = store.counts()
+    assert (c.studies, c.series, c.instances) == (1, 2, 5)
+    assert c.bytes == sum(p.stat().st_size for p in store.root.glob("instances/*/*/*.dcm"))
+    assert c.series_by_state == {"open": 1, "settled": 1}
+
+
+def test_concurrent_copies_of_one_instance_are_stored_once(store):
+    ds = make_image()
+    others = [make_image(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, instance_number=i + 2)
+              for i in range(6)]
+    tmps = [write(ds, store.new_tmp_path()) for _ in range(6)] + [write(o, store.new_tmp_path()) for o in others]
+    results, errors = [], []
+    barrier = threading.Barrier(len(tmps))
+
+    def worker(tmp: Path) -> None:
+        barrier.wait()
+        try:
+            results.append(store.store_received(tmp, "SCU"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in tmps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    same = [r for r in results if r.sop_instance_uid == ds.SOPInstanceUID]
+    assert sum(not r.duplicate for r in same) == 1 and len(same) == 6
+    assert store.get_series(ds.SeriesInstanceUID).instance_count == 7
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize("bad", ["../../etc", "1.2.3/4", "", "1.2." + "9" * 70])
+def test_malformed_uids_never_reach_a_path(store, bad):
+    ds = make_image()
+    ds.SeriesInstanceUID = bad
+    tmp = write(ds, store.new_tmp_path())
+    with pytest.raises(InvalidInstanceError):
+        store.store_received(tmp, "SCU")
+    assert store.counts().instances == 0
+    assert list((store.root / "instances").iterdir()) == []
+
+
+def test_not_dicom_is_invalid(store):
+    tmp = store.new_tmp_path()
+    tmp.write_bytes(b"not a dicom file")
+    with pytest.raises(InvalidInstanceError):
+        store.store_received(tmp, "SCU")
+
+
+def test_database_failure_raises_store_error(tmp_path):
+    (tmp_path / "db-is-a-folder").mkdir()
+    s = Store(tmp_path / "data", tmp_path / "db-is-a-folder")
+    with pytest.raises(StoreError, match="check"):
+        s.ensure_schema()
+
+
+def test_disk_failure_raises_store_error_and_leaves_no_row(store, monkeypatch):
+    ds = make_image()
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod.os, "replace", full)
+    tmp = write(ds, store.new_tmp_path())
+    with pytest.raises(StoreError, match="free space"):
+        store.store_received(tmp, "SCU")
+    monkeypatch.undo()
+    assert store.get_instance(ds.SOPInstanceUID) is None and store.get_series(ds.SeriesInstanceUID) is None
+    # the temp file is left to the caller, who can retry with it
+    assert store.store_received(tmp, "SCU").duplicate is False
+
+
+def test_index_failure_after_rename_removes_the_unindexed_file(store, monkeypatch):
+    ds = make_image()
+
+    def broken(self, *a, **kw):
+        raise sqlite3.OperationalError("database is locked (simulated)")
+
+    monkeypatch.setattr(Store, "_index", broken)
+    tmp = write(ds, store.new_tmp_path())
+    with pytest.raises(StoreError):
+        store.store_received(tmp, "SCU")
+    assert not list(store.root.glob("instances/*/*/*.dcm"))
+    assert store.counts().instances == 0
+
+
+@pytest.mark.data
+def test_real_ct_and_mr_files(store, cirs_dir):
+    import shutil
+
+    for modality in ("CT", "MR"):
+        for src in sorted((cirs_dir / modality).glob("*.dcm"))[:3]:
+            tmp = store.new_tmp_path()
+            shutil.copyfile(src, tmp)
+            assert not store.store_received(tmp, "PACS").duplicate
+    series = store.list_series()
+    assert sorted(s.modality for s in series) == ["CT", "MR"]
+    assert all(s.instance_count == 3 for s in series)
+    assert store.counts().studies == 2  # the phantom pair comes from two different studies
