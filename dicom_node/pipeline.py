@@ -107,9 +107,11 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
         over_arr = sitk.GetArrayFromImage(moved)
 
     with clock.stage("normalise"):
-        window = pipeline.ct_window or None
-        base_n = normalise_for_modality(base_arr, base.modality, ct_window=window, units=base.units)
-        over_n = normalise_for_modality(over_arr, overlay.modality, ct_window=window, units=overlay.units)
+        def ct_window(vol):  # config, else the CT's own header window, else the brain preset
+            return pipeline.ct_window or (vol.header_window() if vol.modality == "CT" else None)
+
+        base_n = normalise_for_modality(base_arr, base.modality, ct_window=ct_window(base), units=base.units)
+        over_n = normalise_for_modality(over_arr, overlay.modality, ct_window=ct_window(overlay), units=overlay.units)
         if base.modality in ANATOMICAL or overlay.modality not in ANATOMICAL:
             a, b, other_modality = base_n, over_n, overlay.modality
         else:
