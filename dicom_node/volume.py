@@ -268,22 +268,26 @@ def _slices(paths: list[Path], headers: list[Dataset]) -> list[_Slice]:
             )
         if "PixelSpacing" not in ds:
             raise GeometryError(f"{where}: no Pixel Spacing, so the image has no physical size")
-        out.append(
-            _Slice(
-                path=p,
-                header=ds,
-                frame=None,
-                ipp=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", where),
-                iop=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                pixel_spacing=tuple(_floats(ds.PixelSpacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
-                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-                extra={"acquisition": _tm(ds.get("AcquisitionTime"))},
-            )
-        )
+        out.append(_make_slice(p, ds, None, where, ds, ds, ds, ds, extra={"acquisition": _tm(ds.get("AcquisitionTime"))}))
     return out
+
+
+def _make_slice(path: Path, header: Dataset, frame: int | None, where: str, pos: Dataset, ori: Dataset,
+                meas: Dataset, rescale: Dataset, extra: dict | None = None) -> _Slice:
+    """One slice from the datasets holding its position, orientation, spacing and rescale."""
+    return _Slice(
+        path=path,
+        header=header,
+        frame=frame,
+        ipp=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", where),
+        iop=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
+        rows=int(header.Rows),
+        columns=int(header.Columns),
+        pixel_spacing=tuple(_floats(meas.PixelSpacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
+        slope=float(rescale.get("RescaleSlope", 1.0) or 1.0),
+        intercept=float(rescale.get("RescaleIntercept", 0.0) or 0.0),
+        extra=extra or {},
+    )
 
 
 def _frames_of(path: Path, ds: Dataset) -> list[_Slice]:
@@ -302,21 +306,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Slice]:
                 "ask the modality to send classic single-frame images"
             )
         pvt = _functional_item(ds, "PixelValueTransformationSequence", f)
-        src = pvt if pvt is not None else ds
-        out.append(
-            _Slice(
-                path=path,
-                header=ds,
-                frame=f,
-                ipp=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", where),
-                iop=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                pixel_spacing=tuple(_floats(meas.PixelSpacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
-                slope=float(src.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(src.get("RescaleIntercept", 0.0) or 0.0),
-            )
-        )
+        out.append(_make_slice(path, ds, f, where, pos, ori, meas, pvt if pvt is not None else ds))
     return out
 
 

@@ -1,0 +1,111 @@
+"""Wall time of the node on a real pair, stage by stage, from the first image received to the fused series stored.
+
+    python benchmarks/node_latency.py [--sample cirs|synthetic] [--feature-source vgg|image] [--quiet 5]
+
+Starts a node and a local destination (an in-process Storage SCP standing in
+for the PACS), sends the pair with DCMTK ``storescu`` (pynetdicom when DCMTK
+is absent), and reads the timings back from the database and the job result:
+
+- receive: first to last instance stored (network + fsync + index)
+- settle: last instance to the job being queued (the quiet period dominates)
+- wait: queued to started
+- load, register, resample, normalise, fuse, encode (+ store): the job's own stages
+- send: job finished to the last instance acknowledged by the destination
+
+Appends a table to ``docs/node-latency.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicom_node.config import parse_config  # noqa: E402
+from dicom_node.demo import LocalDestination, send_series  # noqa: E402
+from dicom_node.samples import shared_dir, write_synthetic_pair  # noqa: E402
+from dicom_node.service import Node  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sample", choices=("cirs", "synthetic"), default="cirs")
+    ap.add_argument("--feature-source", choices=("vgg", "image"), default="vgg")
+    ap.add_argument("--quiet", type=float, default=5.0, help="settle quiet period, s")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "node-latency.md")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="fusion-latency-"))
+    if args.sample == "cirs":
+        folders, match = [shared_dir() / "data" / "cirs057a" / "CT", shared_dir() / "data" / "cirs057a" / "MR"], "rule"
+    else:
+        folders, match = list(write_synthetic_pair(work / "input")), "study"
+    dest = LocalDestination(work / "received")
+    settings = parse_config({
+        "device": args.device,
+        "node": {"ae_title": "FUSIONNODE", "host": "127.0.0.1", "port": 0},
+        "storage": {"root": str(work / "node")},
+        "settle": {"quiet_seconds": args.quiet, "sweep_interval_s": 0.5},
+        "destinations": [{"name": "pacs", "ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}],
+        "pipelines": [{"name": "ct-mr", "match": match, "destinations": ["pacs"],
+                       "feature_source": args.feature_source,
+                       "base": {"modality": ["CT"]}, "overlay": {"modality": ["MR"]}}],
+    })
+    node = Node(settings).start()
+    try:
+        storescu = "/usr/bin/storescu" if Path("/usr/bin/storescu").exists() else None
+        if storescu:
+            subprocess.run([storescu, "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd", "127.0.0.1", str(node.port),
+                            *map(str, folders)], check=True, capture_output=True)
+        else:
+            send_series(folders, node.port, "FUSIONNODE")
+        while not (jobs := node.jobs.list()) or jobs[0].state not in ("done", "failed"):
+            time.sleep(0.2)
+        job = jobs[0]
+        if job.state == "failed":
+            print(f"job failed: {job.error}")
+            return 1
+        node.outbox.wait_idle(600)
+        conn = node.store._conn()
+        first, last = conn.execute("SELECT MIN(received_at), MAX(received_at) FROM instances i JOIN series s "
+                                   "USING (series_uid) WHERE s.origin = 'received'").fetchone()
+        job_row = conn.execute("SELECT created_at, started_at, finished_at FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        sent_at = conn.execute("SELECT MAX(updated_at) FROM outbox WHERE state = 'sent'").fetchone()[0]
+    finally:
+        node.stop()
+        dest.stop()
+    r = job.result
+    stages = [("receive (first to last image)", last - first), ("settle", job_row["created_at"] - last),
+              ("wait for a worker", job_row["started_at"] - job_row["created_at"])]
+    stages += [(name, secs) for name, secs in r["seconds"].items()]
+    stages += [("send to destination", sent_at - job_row["finished_at"])]
+    total = sent_at - last
+    lines = [f"\n## {args.sample} pair, {args.feature_source} gradients, device {r['device']}, quiet period {args.quiet:g} s "
+             f"({time.strftime('%Y-%m-%d')})\n",
+             f"Command: `python benchmarks/node_latency.py --sample {args.sample} --feature-source {args.feature_source} "
+             f"--quiet {args.quiet:g}`; {r['instances']} fused images; registration moved the overlay "
+             f"{r.get('translation_mm')} mm, {r.get('rotation_deg')} deg.\n",
+             "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {secs:.2f} |" for name, secs in stages]
+    lines.append(f"| **last image received -> fused series stored at the destination** | **{total:.1f}** |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.out.exists():
+        args.out.write_text("# Node latency, stage by stage\n\nEach section is one run of `benchmarks/node_latency.py` "
+                            "on this repository's CI-sized machine (2 cores, no GPU) unless it says otherwise.\n")
+    with args.out.open("a") as fh:
+        fh.write(text)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
