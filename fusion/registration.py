@@ -147,6 +147,8 @@ class RegistrationResult:
     overlap: float
     iterations_per_level: tuple[int, ...] = ()
     params: RegistrationParams = field(default_factory=RegistrationParams)
+    #: the starting alignment (the initialiser's transform) as a 4x4, for the plausibility check
+    initial_matrix: np.ndarray | None = None
 
     @property
     def rotation_angle_deg(self) -> float:
@@ -278,6 +280,7 @@ def register_rigid(
         overlap=overlap,
         iterations_per_level=tuple(per_level),
         params=p,
+        initial_matrix=transform_matrix(initial),
     )
 
 

@@ -425,3 +425,163 @@ def test_cirs_series(cirs_dir):
     centre = ct.array()[71, 200:300, 200:300]
     assert -100 < float(np.median(centre)) < 100
     assert ct.frame_of_reference_uid != mr.frame_of_reference_uid
+
+
+# ---------------------------------------------------------------------------
+# patient coordinates (LPS): every voxel holds what was measured at its position
+# ---------------------------------------------------------------------------
+
+
+def _field(p: np.ndarray) -> np.ndarray:
+    """A linear 'scan' of physical space: stored value at LPS point p (mm), exact in int16 after rounding."""
+    return 2.0 * p[..., 0] - 3.0 * p[..., 1] + 5.0 * p[..., 2]
+
+
+def write_field_series(folder: Path, positions: list, iop, pixel_spacing, rows: int, cols: int, *,
+                       instance_numbers=None, names=None) -> None:
+    """One file per position; pixel (r, c) of slice k stores round(_field(IPP_k + c*dc*row + r*dr*col)).
+
+    ``instance_numbers`` / ``names`` default to a shuffled order unrelated to the position.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    dr, dc = pixel_spacing
+    rr, cc = np.mgrid[:rows, :cols]
+    series_uid = generate_uid()
+    n = len(positions)
+    order = np.random.default_rng(11).permutation(n)
+    for k, ipp in enumerate(positions):
+        ds = _base(CT_STORAGE, "CT", series_uid, rows, cols)
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in iop]
+        ds.PixelSpacing = [f"{v:.6f}" for v in pixel_spacing]
+        ds.InstanceNumber = int(instance_numbers[k] if instance_numbers is not None else order[k] + 1)
+        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+        pts = np.asarray(ipp, float) + cc[..., None] * dc * row + rr[..., None] * dr * col
+        ds.PixelData = np.round(_field(pts)).astype(np.int16).tobytes()
+        name = names[k] if names is not None else f"S{int(order[k]):03d}.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
+
+
+def _assert_voxels_at_their_positions(img, atol: float = 0.5 + 1e-3) -> None:
+    """Every voxel's value equals the field at the physical point SimpleITK assigns to its index."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayViewFromImage(img)
+    nz, ny, nx = arr.shape
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    idx = np.stack([i, j, k], -1) * np.array(img.GetSpacing())
+    pts = np.array(img.GetOrigin()) + idx @ d.T
+    np.testing.assert_allclose(arr, _field(pts), atol=atol)
+    # and SimpleITK's own index -> point agrees with the vectorised one
+    for ijk in [(0, 0, 0), (nx - 1, ny - 1, nz - 1), (nx // 2, 0, nz - 1)]:
+        np.testing.assert_allclose(img.TransformIndexToPhysicalPoint(ijk), pts[ijk[2], ijk[1], ijk[0]], atol=1e-6)
+
+
+_VOXEL_ORDERS = {
+    # name: (row cosine, column cosine, slice step along the normal as written, pixel spacing (row, col))
+    "axial": ((1, 0, 0), (0, 1, 0), 2.5, (0.8, 0.7)),
+    "axial left-right flipped": ((-1, 0, 0), (0, 1, 0), 2.5, (0.8, 0.7)),  # columns run from patient left to right
+    "axial anterior-posterior flipped": ((1, 0, 0), (0, -1, 0), 2.5, (0.8, 0.7)),
+    "axial feet-first (slices descending)": ((1, 0, 0), (0, 1, 0), -2.5, (0.8, 0.7)),
+    "axial rotated 180 deg in plane": ((-1, 0, 0), (0, -1, 0), 2.5, (0.8, 0.7)),
+    "sagittal": ((0, 1, 0), (0, 0, -1), 3.0, (0.9, 0.9)),
+    "coronal": ((1, 0, 0), (0, 0, -1), 3.0, (0.9, 0.9)),
+    "anisotropic 0.4 x 0.9 x 5 mm": ((1, 0, 0), (0, 1, 0), 5.0, (0.9, 0.4)),
+}
+
+
+@pytest.mark.parametrize("order", list(_VOXEL_ORDERS))
+def test_voxels_sit_at_their_patient_positions(tmp_path, order):
+    row, col, step, ps = _VOXEL_ORDERS[order]
+    row, col = np.array(row, float), np.array(col, float)
+    normal = np.cross(row, col)
+    start = np.array([-12.0, 25.0, -40.0])
+    positions = [start + k * step * normal for k in range(7)]
+    write_field_series(tmp_path, positions, (*row, *col), ps, rows=9, cols=11)
+    vol = load_series(_files(tmp_path))
+    d = np.array(vol.image.GetDirection()).reshape(3, 3)
+    assert np.linalg.det(d) == pytest.approx(1.0)
+    np.testing.assert_allclose(d[:, :2], np.column_stack([row, col]), atol=1e-9)
+    assert vol.image.GetSpacing() == pytest.approx((ps[1], ps[0], abs(step)))
+    _assert_voxels_at_their_positions(vol.image)
+
+
+def test_oblique_voxels_sit_at_their_patient_positions(tmp_path):
+    rot = _rotation(17.0, -23.0, 38.0)
+    row, col = rot[:, 0], rot[:, 1]
+    normal = np.cross(row, col)
+    positions = [np.array([4.0, -9.0, 21.0]) + k * 1.7 * normal for k in (4, 1, 6, 0, 3, 5, 2)]
+    write_field_series(tmp_path, positions, (*row, *col), (0.6, 1.1), rows=10, cols=8)
+    vol = load_series(_files(tmp_path))
+    _assert_voxels_at_their_positions(vol.image)
+
+
+def test_sorted_by_position_not_instance_number_or_file_name(tmp_path):
+    # instance numbers count down while the position goes up, and file names follow neither
+    positions = [np.array([0.0, 0.0, 10.0 + 2.0 * k]) for k in range(6)]
+    names = [f"IMG{n:02d}.dcm" for n in (3, 0, 5, 1, 4, 2)]
+    write_field_series(tmp_path, positions, (1, 0, 0, 0, 1, 0), (1.0, 1.0), rows=4, cols=5,
+                       instance_numbers=[6, 5, 4, 3, 2, 1], names=names)
+    for listing in (_files(tmp_path), list(reversed(_files(tmp_path)))):
+        vol = load_series(listing)
+        z = [float(h.ImagePositionPatient[2]) for h in vol.headers]
+        assert z == [10.0, 12.0, 14.0, 16.0, 18.0, 20.0]
+        assert [int(h.InstanceNumber) for h in vol.headers] == [6, 5, 4, 3, 2, 1]
+        assert [p.name for p in vol.paths] == names
+        _assert_voxels_at_their_positions(vol.image)
+
+
+def test_two_voxel_orders_of_one_scan_are_the_same_volume(tmp_path):
+    """A left-right flipped, feet-first copy of a grid resamples onto the original exactly (LPS everywhere)."""
+    import SimpleITK as sitk
+
+    start = np.array([-20.0, -10.0, 5.0])
+    a_pos = [start + (0, 0, 2.0 * k) for k in range(6)]
+    write_field_series(tmp_path / "a", a_pos, (1, 0, 0, 0, 1, 0), (1.0, 1.5), rows=8, cols=12)
+    # the same points: first column at the patient's left end, slices written top-down
+    far = start + (11 * 1.5, 0, 0)
+    b_pos = [far + (0, 0, 2.0 * k) for k in range(6)]
+    write_field_series(tmp_path / "b", b_pos, (-1, 0, 0, 0, 1, 0), (1.0, 1.5), rows=8, cols=12)
+    a = load_series(_files(tmp_path / "a")).image
+    b = load_series(_files(tmp_path / "b")).image
+    assert a.GetDirection() != b.GetDirection()
+    on_a = sitk.Resample(b, a, sitk.Transform(), sitk.sitkNearestNeighbor, -9999.0, sitk.sitkFloat32)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(on_a), sitk.GetArrayViewFromImage(a))
+
+
+def test_enhanced_multiframe_oblique_positions(tmp_path):
+    """Multi-frame: each frame's Plane Position/Orientation places its voxels (frames stored out of order)."""
+    rot = _rotation(-12.0, 8.0, 25.0)
+    row, col = rot[:, 0], rot[:, 1]
+    normal = np.cross(row, col)
+    rows, cols, ps = 7, 6, (0.9, 0.8)
+    order = [3, 0, 4, 1, 2]
+    ds = _base(ENHANCED_CT_STORAGE, "CT", generate_uid(), rows, cols)
+    ds.NumberOfFrames = len(order)
+    shared = Dataset()
+    ori = Dataset()
+    ori.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
+    meas = Dataset()
+    meas.PixelSpacing = [f"{v:.6f}" for v in ps]
+    meas.SliceThickness = 2.0
+    shared.PlaneOrientationSequence = DicomSequence([ori])
+    shared.PixelMeasuresSequence = DicomSequence([meas])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per, frames = [], []
+    rr, cc = np.mgrid[:rows, :cols]
+    for k in order:
+        ipp = np.array([3.0, -5.0, 8.0]) + k * 2.0 * normal
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+        item.PlanePositionSequence = DicomSequence([pos])
+        per.append(item)
+        pts = ipp + cc[..., None] * ps[1] * row + rr[..., None] * ps[0] * col
+        frames.append(np.round(_field(pts)).astype(np.int16))
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per)
+    ds.PixelData = np.stack(frames).tobytes()
+    ds.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    vol = load_series([tmp_path / "mf.dcm"])
+    assert vol.frames == (1, 3, 4, 0, 2)
+    _assert_voxels_at_their_positions(vol.image)

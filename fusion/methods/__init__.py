@@ -61,5 +61,10 @@ def available() -> list[str]:
 
 
 def _load_builtin() -> None:
-    # Importing the modules runs their @register decorators.
-    from fusion.methods import adf, cbf, fpde  # noqa: F401
+    # Importing every module of this package runs its @register decorators.
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
