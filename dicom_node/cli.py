@@ -2,7 +2,8 @@
 
 ``serve`` runs the node; ``init-config`` writes a commented example config;
 ``status``, ``trigger``, ``jobs`` and ``outbox`` inspect and steer a node's
-database; ``fuse`` fuses two image files; ``demo`` is the embedded default job;
+database; ``fuse`` fuses two image files; ``evaluate`` scores a fused image
+(fusion-quality metrics, papers' or VIFB's convention); ``demo`` is the embedded default job;
 ``models fetch|info`` provisions the VGG16 weights ahead of time.  Errors are
 printed as one line saying what to do, with exit status 2 for bad input and 3
 for missing resources; ``--debug`` shows the traceback.
@@ -85,6 +86,30 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     log.info("fuse.done", extra=logs.fields(method=args.method, trio=",".join(args.trio),
                                              seconds=round(time.perf_counter() - t0, 3), output=str(args.output)))
     print(args.output)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from fusion.metrics import CONVENTIONS, evaluate
+
+    for p in (args.fused, args.src_a, args.src_b):
+        if not p.exists():
+            raise CliError(f"input not found: {p}")
+    try:
+        scores = evaluate(args.fused, args.src_a, args.src_b, convention=args.convention, gray=args.gray)
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    suite = CONVENTIONS[args.convention]
+    if args.json:
+        print(json.dumps({"convention": args.convention, "fused": str(args.fused),
+                          "sources": [str(args.src_a), str(args.src_b)],
+                          "metrics": {k: (v if np.isfinite(v) else None) for k, v in scores.items()}}, indent=2))
+        return 0
+    print(f"{args.fused} vs {args.src_a}, {args.src_b} -- {suite.description}")
+    for name, value in scores.items():
+        print(f"  {name:5s} {value:12.5g}{'   (lower is better)' if name in suite.lower_is_better else ''}")
     return 0
 
 
@@ -221,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--feature-source", default="vgg", choices=("vgg", "image"),
                    help="gradients from VGG16 features (default) or the plain image")
     f.set_defaults(func=cmd_fuse)
+
+    e = sub.add_parser("evaluate", help="fusion-quality metrics of a fused image against its two sources")
+    e.add_argument("fused", type=Path, help="fused image (PNG/JPEG)")
+    e.add_argument("src_a", type=Path, help="first source (MRI; VIFB's VI role)")
+    e.add_argument("src_b", type=Path, help="second source (CT/PET/SPECT; VIFB's IR role)")
+    e.add_argument("--convention", choices=("papers", "vifb"), default="papers",
+                   help="papers: CDDFuse Evaluator on luminance (default); vifb: VIFB's MATLAB metrics")
+    e.add_argument("--gray", action="store_true", help="with --convention vifb: rgb2gray colour images first")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("models", help="VGG16 weights: fetch ahead of time, or show what is installed")
     m.add_argument("action", choices=("fetch", "info"))
