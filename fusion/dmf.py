@@ -37,6 +37,9 @@ class DMFParams:
     tau: float = 0.9  #: eq. 7, on the 0..1 intensity scale
     eps: float = 1e-12  #: denominators at or below this count as zero (uniform fallback)
     levels: int | None = None  #: pyramid levels; None = floor(log2(min(H, W)))
+    #: exponent on VA*CA before eq. 8's normalisation; 1 is the paper. Larger values let the
+    #: best exposure dominate where the paper's near-uniform weights average (docs/quality.md)
+    sharpness: float = 1.0
 
 
 def normalise(x: Any, eps: float) -> Any:
@@ -81,7 +84,8 @@ def dmf_weights(exposures: Any, magnitude: Any, orientation: Any, params: DMFPar
     """Eq. 8: ``W_j = VA_j CA_j / sum_k VA_k CA_k`` with uniform fallbacks; sums to 1 over K."""
     va = visibility(magnitude, params.eps)
     ca = contrast_weights(consistency(orientation, params.window, params.sigma_s), exposure_mask(exposures, params.tau), params.eps)
-    return normalise(va * ca, params.eps)
+    q = va * ca
+    return normalise(q if params.sharpness == 1.0 else q**params.sharpness, params.eps)
 
 
 def dmf_blend(exposures: Any, weights: Any, params: DMFParams = DMFParams()) -> Any:
