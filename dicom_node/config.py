@@ -122,11 +122,25 @@ class Pipeline(_Model):
     #: a settled series whose partner has not settled after this long is given up (logged)
     partner_timeout_s: float = Field(3600.0, gt=0)
     destinations: list[str] = []
-    trio: list[str] = ["adf", "cbf", "fpde"]
+    #: DMF exposures; empty = the default for the non-MR modality (fusion.api.DEFAULT_TRIOS)
+    trio: list[str] = []
     feature_source: Literal["vgg", "image"] = "vgg"
     #: CT window as [centre, width] in HU; empty = from the header, else a brain window
     ct_window: list[float] = []
     registration: RegistrationConfig = RegistrationConfig()
+
+    @field_validator("trio")
+    @classmethod
+    def _trio(cls, v: list[str]) -> list[str]:
+        from fusion.methods import available
+
+        v = [m.lower() for m in v]
+        unknown = [m for m in v if m not in available()]
+        if unknown:
+            raise ValueError(f"unknown fusion method(s) {unknown}; available: {', '.join(available())}")
+        if v and len(v) < 2:
+            raise ValueError("a trio names at least two methods (or none, for the default)")
+        return v
 
     @field_validator("ct_window")
     @classmethod
@@ -265,7 +279,8 @@ name = "mr-ct"
 match = "study"
 partner_timeout_s = 3600
 destinations = ["pacs"]
-trio = ["adf", "cbf", "fpde"]
+# DMF exposures; [] = default per modality (CT: adf,cbf,fpde; PET/SPECT: tif,wls,cbf)
+trio = []
 feature_source = "vgg"
 # CT window [centre, width] in HU; empty = from the CT header, else brain (40, 80)
 ct_window = []

@@ -68,7 +68,7 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
 
     from dicom_node.derived import build_registration, build_sc_series, sc_series_description
     from dicom_node.volume import GeometryError, load_series
-    from fusion.api import dmf_stack, merge_colour, split_colour
+    from fusion.api import default_trio, dmf_stack, merge_colour, split_colour
     from fusion.backend import resolve_device, to_device, to_numpy
     from fusion.intensity import normalise_for_modality, to_uint8
     from fusion.registration import RegistrationParams, register_rigid, resample_onto
@@ -118,6 +118,7 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
             a, b, other_modality = over_n, base_n, base.modality
         if other_modality in COLOUR_MODALITIES:
             b = _colourise(b)
+        trio = tuple(pipeline.trio) or default_trio(other_modality)
 
     device = resolve_device(settings.device)
     model = None
@@ -134,7 +135,7 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
         fused = []
         for start in range(0, n, FUSE_BATCH):
             sl = slice(start, start + FUSE_BATCH)
-            res = dmf_stack(a_d[sl], b_d[sl], trio=pipeline.trio, feature_source=pipeline.feature_source, model=model)
+            res = dmf_stack(a_d[sl], b_d[sl], trio=trio, feature_source=pipeline.feature_source, model=model)
             part = merge_colour(res.fused, None if chroma is None else chroma[sl])
             fused.append(to_numpy(part))
             log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.id, slices_done=min(start + FUSE_BATCH, n),
@@ -142,9 +143,9 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
         fused8 = to_uint8(np.concatenate(fused))
 
     with clock.stage("encode"):
-        trio = "+".join(m.upper() for m in pipeline.trio)
+        trio_text = "+".join(m.upper() for m in trio)
         description = sc_series_description(pipeline.name, base.modality, overlay.modality, None)
-        derivation = (f"DMF fusion of {overlay.modality} onto {base.modality}: {trio} exposures, "
+        derivation = (f"DMF fusion of {overlay.modality} onto {base.modality}: {trio_text} exposures, "
                       f"{'VGG16 feature' if pipeline.feature_source == 'vgg' else 'image'} gradients, "
                       f"rigid Mattes-MI registration")
         sc = build_sc_series(base.headers, overlay.headers, fused8, uid_root=settings.uid_root,
@@ -159,6 +160,6 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
         for dest in pipeline.destinations:
             outbox.enqueue(dest, paths, job_id=job.id)
 
-    result.update(seconds=clock.seconds, sc_series_uid=sc[0].SeriesInstanceUID,
+    result.update(seconds=clock.seconds, trio=list(trio), sc_series_uid=sc[0].SeriesInstanceUID,
                   reg_sop_instance_uid=reg.SOPInstanceUID, instances=len(sc), device=device)
     return result

@@ -18,8 +18,20 @@ from fusion.intensity import rgb_to_ycbcr, to_unit, ycbcr_to_rgb
 from fusion.methods import available as available_methods
 from fusion.methods import get_method
 
-DEFAULT_TRIO = ("adf", "cbf", "fpde")
+#: DMF trio per modality fused with the MRI, chosen from docs/quality.md (the paper's best
+#: trios were ADF+CBF+FPDE for MRI-CT and TIF+WLS+(MDLatLRR|CBF|GFCE) for MRI-PET/SPECT)
+DEFAULT_TRIOS = {
+    "CT": ("adf", "cbf", "fpde"),
+    "PT": ("tif", "wls", "cbf"),
+    "NM": ("tif", "wls", "cbf"),
+}
+DEFAULT_TRIO = DEFAULT_TRIOS["CT"]
 DEFAULT_LAYERS = ("relu1_2", "relu2_2")
+
+
+def default_trio(modality: str) -> tuple[str, ...]:
+    """The DMF trio for fusing an MRI with ``modality`` (DICOM code: CT, PT, NM; others get CT's)."""
+    return DEFAULT_TRIOS.get(modality.upper(), DEFAULT_TRIO)
 
 
 @dataclass
