@@ -70,6 +70,7 @@ def _load_model_or_fail(feature_source: str, device: str):
 def cmd_fuse(args: argparse.Namespace) -> int:
     from dicom_node.samples import load_image
     from fusion import fuse
+    from fusion.api import default_trio
 
     for p in (args.base, args.overlay):
         if not p.exists():
@@ -78,12 +79,14 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     model = _load_model_or_fail(args.feature_source, args.device) if args.method == "dmf" else None
     t0 = time.perf_counter()
     try:
-        out = fuse(a, b, method=args.method, trio=args.trio, device=args.device,
+        colour_overlay = b.ndim == 3 and b.shape[-1] == 3  # pseudo-colour PET/SPECT
+        trio = args.trio or default_trio("PT" if colour_overlay else "CT")
+        out = fuse(a, b, method=args.method, trio=trio, device=args.device,
                    feature_source=args.feature_source, model=model)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     _save(args.output, out)
-    log.info("fuse.done", extra=logs.fields(method=args.method, trio=",".join(args.trio),
+    log.info("fuse.done", extra=logs.fields(method=args.method, trio=",".join(trio),
                                              seconds=round(time.perf_counter() - t0, 3), output=str(args.output)))
     print(args.output)
     return 0
@@ -241,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overlay", type=Path, help="CT, PET or SPECT image (colour kept in chroma)")
     f.add_argument("-o", "--output", type=Path, required=True, help="output .png (8-bit) or .npy (float32 0..1)")
     f.add_argument("--method", default="dmf", help="dmf (default) or a single method: adf, cbf, fpde")
-    f.add_argument("--trio", type=_trio, default=("adf", "cbf", "fpde"), help="DMF exposures (default adf,cbf,fpde)")
+    f.add_argument("--trio", type=_trio, default=None,
+                   help="DMF exposures, e.g. adf,cbf,fpde (default: per modality, CT's when unknown)")
     f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     f.add_argument("--feature-source", default="vgg", choices=("vgg", "image"),
                    help="gradients from VGG16 features (default) or the plain image")

@@ -18,12 +18,13 @@ from fusion.intensity import rgb_to_ycbcr, to_unit, ycbcr_to_rgb
 from fusion.methods import available as available_methods
 from fusion.methods import get_method
 
-#: DMF trio per modality fused with the MRI, chosen from docs/quality.md (the paper's best
-#: trios were ADF+CBF+FPDE for MRI-CT and TIF+WLS+(MDLatLRR|CBF|GFCE) for MRI-PET/SPECT)
+#: DMF trio per modality fused with the MRI: the best-Q^AB/F trio of the exhaustive search in
+#: docs/quality.md (the paper's trios, ADF+CBF+FPDE for MRI-CT and TIF+WLS+(MDLatLRR|CBF|GFCE)
+#: for MRI-PET, scored lower there on Q^AB/F)
 DEFAULT_TRIOS = {
-    "CT": ("adf", "cbf", "fpde"),
-    "PT": ("tif", "wls", "cbf"),
-    "NM": ("tif", "wls", "cbf"),
+    "CT": ("cbf", "tif", "wls"),
+    "PT": ("adf", "cbf", "tif"),
+    "NM": ("adf", "cbf", "tif"),
 }
 DEFAULT_TRIO = DEFAULT_TRIOS["CT"]
 DEFAULT_LAYERS = ("relu1_2", "relu2_2")

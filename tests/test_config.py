@@ -48,5 +48,5 @@ def test_trio_defaults_per_modality():
 
     cfg = parse_config({"pipelines": [_pipeline()]})
     assert cfg.pipelines[0].trio == []
-    assert default_trio("CT") == ("adf", "cbf", "fpde")
+    assert default_trio("CT") == ("cbf", "tif", "wls") and default_trio("NM") == ("adf", "cbf", "tif")
     assert len(default_trio("PT")) == 3 and default_trio("XA") == default_trio("CT")
