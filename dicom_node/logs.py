@@ -35,6 +35,18 @@ class JsonFormatter(logging.Formatter):
 _LIBRARY_LEVELS = {"pynetdicom": "WARNING", "pydicom": "ERROR"}
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (test runners swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup(level: str = "INFO", stream=None) -> None:
     """Route our loggers (and the DICOM libraries' warnings) to one JSON stream (stderr by default).
 
@@ -43,7 +55,7 @@ def setup(level: str = "INFO", stream=None) -> None:
     """
     import warnings
 
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(JsonFormatter())
     for name, lvl in [("fusion", level), ("dicom_node", level), *_LIBRARY_LEVELS.items()]:
         log = logging.getLogger(name)
