@@ -62,6 +62,31 @@ def _colourise(grey: np.ndarray) -> np.ndarray:
     return np.stack([r, g, b], axis=-1).astype(np.float32)
 
 
+def _check_registration(job: Any, pipeline: Pipeline, fixed: Any, moving: Any, reg: Any, result: dict) -> str | None:
+    """Quality figures of the registration into ``result``; raise JobError or return the warning per the policy.
+
+    Returns the short warning for the Series Description ("CHECK REG: ...") when
+    the registration is outside the limits and the policy is "warn", else None.
+    """
+    from fusion.registration_quality import QualityThresholds, assess_registration
+
+    cfg = pipeline.registration
+    quality = assess_registration(fixed, moving, reg, QualityThresholds.from_mapping(cfg.quality.model_dump()))
+    result["registration_quality"] = quality.as_dict()
+    if quality.ok:
+        return None
+    log.warning("pipeline.registration_doubtful", extra=logs.fields(
+        job_id=job.id, policy=cfg.on_poor_quality, problems=quality.reason))
+    if cfg.on_poor_quality == "fail":
+        raise JobError(
+            f"registration rejected, nothing was sent: {quality.reason}. Check that the two series show the same "
+            "body part of the same patient and that their orientation headers are right; to send such results "
+            f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}"
+        )
+    result["registration_warning"] = quality.warning
+    return quality.warning
+
+
 def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cache: dict | None = None) -> dict:
     """Run one fusion job end to end; returns timings and what was produced."""
     import SimpleITK as sitk
@@ -71,7 +96,7 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
     from fusion.api import default_trio, dmf_stack, merge_colour, split_colour
     from fusion.backend import resolve_device, to_device, to_numpy
     from fusion.intensity import normalise_for_modality, to_uint8
-    from fusion.registration import RegistrationParams, register_rigid, resample_onto
+    from fusion.registration import RegistrationError, RegistrationParams, register_rigid, resample_onto
 
     pipeline = _pipeline(settings, job.pipeline)
     clock = StageClock({})
@@ -87,14 +112,19 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
                                                   overlay=f"{overlay.modality} {overlay.image.GetSize()}"))
 
     with clock.stage("register"):
+        reg_warning = None
         if pipeline.registration.enabled:
-            params = RegistrationParams(**pipeline.registration.model_dump(exclude={"enabled"}))
-            reg = register_rigid(base.image, overlay.image, params)
+            params = RegistrationParams.from_mapping(pipeline.registration.model_dump())
+            try:
+                reg = register_rigid(base.image, overlay.image, params)
+            except RegistrationError as exc:
+                raise JobError(f"registration failed, nothing was sent: {exc}") from exc
             transform, matrix = reg.transform, reg.matrix
             result.update(translation_mm=[round(float(v), 2) for v in reg.translation_mm],
                           rotation_deg=[round(float(v), 3) for v in reg.rotation_deg],
                           registration_metric=round(float(reg.final_metric), 5),
                           registration_overlap=round(float(reg.overlap), 4))
+            reg_warning = _check_registration(job, pipeline, base.image, overlay.image, reg, result)
         else:
             transform, matrix = sitk.Euler3DTransform(), np.eye(4)
     log.info("pipeline.registered", extra=logs.fields(job_id=job.id, **{k: v for k, v in result.items() if k != "pipeline"}))
@@ -144,7 +174,7 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
 
     with clock.stage("encode"):
         trio_text = "+".join(m.upper() for m in trio)
-        description = sc_series_description(pipeline.name, base.modality, overlay.modality, None)
+        description = sc_series_description(pipeline.name, base.modality, overlay.modality, reg_warning)
         derivation = (f"DMF fusion of {overlay.modality} onto {base.modality}: {trio_text} exposures, "
                       f"{'VGG16 feature' if pipeline.feature_source == 'vgg' else 'image'} gradients, "
                       f"rigid Mattes-MI registration")
