@@ -27,18 +27,15 @@ minutes more); measured that way all 12 cases are bit-identical after re-encodin
 
 from __future__ import annotations
 
-import functools
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
 
 from fusion.methods import available, get_method
+from vifb_reference import PAIRS, compare, load_pair
 
-PAIRS = ("manWalking", "walking2", "running", "walkingnight", "snow", "carLight")
 VIFB_NAME = {"wls": "VSMWLS", "mdlatlrr": "LatLRR"}
 
 RAW_PSNR_MIN = 32.0
@@ -64,43 +61,6 @@ MDLATLRR_CROPS = {
 RECEPTIVE_MARGIN = 32  # >= 28 = 4 levels x (8 - 1), and a multiple of 16
 
 
-def _psnr(x: np.ndarray, y: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-
-
-def _channels_first(img: np.ndarray) -> np.ndarray:
-    return np.moveaxis(img, -1, 0) if img.ndim == 3 else img
-
-
-@functools.lru_cache(maxsize=None)
-def _load_pair(root: Path, pair: str) -> tuple[np.ndarray, np.ndarray]:
-    """VI as a float64 (3, H, W) stack on 0..1 and IR as one (H, W) image.
-
-    VIFB fuses per channel, a gray IR with every channel; the two RGB IR files here
-    (snow, carLight) have three identical channels, so one channel is the same input.
-    """
-    vi = _channels_first(np.asarray(Image.open(root / "input" / "VI" / f"{pair}.jpg"), np.float64))
-    ir = _channels_first(np.asarray(Image.open(root / "input" / "IR" / f"{pair}.jpg"), np.float64))
-    if ir.ndim == 3:
-        assert all(np.array_equal(ir[0], ir[k]) for k in range(1, ir.shape[0]))
-        ir = ir[0]
-    return vi / 255.0, ir / 255.0
-
-
-def _reencode(img_chw: np.ndarray, ref_img: Image.Image) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(np.moveaxis(img_chw, 0, -1)).save(
-        buf, "JPEG", qtables=ref_img.quantization,
-        subsampling=JpegImagePlugin.get_sampling(ref_img))
-    return _channels_first(np.asarray(Image.open(buf)))
-
-
-def _mcu(ref_img: Image.Image) -> tuple[int, int]:
-    sampling = JpegImagePlugin.get_sampling(ref_img)  # 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0
-    return (16 if sampling == 2 else 8), (16 if sampling in (1, 2) else 8)
-
-
 def _reference_cases():
     full = PAIRS if os.environ.get("FUSION_REFERENCE_FULL") == "1" else MDLATLRR_FULL
     for pair in PAIRS:
@@ -115,35 +75,15 @@ def _reference_cases():
 @pytest.mark.parametrize(("method", "pair", "crop"), list(_reference_cases()))
 def test_matches_vifb_reference(reference_dir: Path, method: str, pair: str, crop) -> None:
     root = reference_dir / "vifb"
-    vi, ir = _load_pair(root, pair)
-    ref_img = Image.open(root / "fused" / f"{pair}_{VIFB_NAME[method]}.jpg")
-    ref = _channels_first(np.asarray(ref_img))
-    h, w = ref.shape[-2:]
+    vi, ir = load_pair(root, pair, single_ir=True)
+    h, w = vi.shape[-2:]
     r0, r1, c0, c1 = crop if crop is not None else (0, h, 0, w)
-
     # VIFB's run_*(VI, IR) -> method(IR, VI); ours takes (anatomical = VI role, other = IR role).
     fused = get_method(method)(vi[:, r0:r1, c0:c1], ir[r0:r1, c0:c1], quantize=True)
-    fused8 = np.rint(fused * 255.0).astype(np.uint8)
-
-    # Region where the crop equals the whole-image result (cut edges less the margin).
-    m = RECEPTIVE_MARGIN
-    v0, v1 = r0 + (m if r0 > 0 else 0), r1 - (m if r1 < h else 0)
-    u0, u1 = c0 + (m if c0 > 0 else 0), c1 - (m if c1 < w else 0)
-    ours = fused8[:, v0 - r0:v1 - r0, u0 - c0:u1 - c0]
-    raw = _psnr(ours, ref[:, v0:v1, u0:u1])
-
-    composite = ref.copy()
-    composite[:, v0:v1, u0:u1] = ours
-    reencoded = _reencode(composite, ref_img)
-    mh, mw = _mcu(ref_img)
-    i0, i1 = v0 + (mh if v0 > 0 else 0), v1 - (mh if v1 < h else 0)
-    j0, j1 = u0 + (mw if u0 > 0 else 0), u1 - (mw if u1 < w else 0)
-    assert i1 - i0 >= 64 and j1 - j0 >= 64, "crop too small for the re-encoding check"
-    reenc = _psnr(reencoded[:, i0:i1, j0:j1], ref[:, i0:i1, j0:j1])
-    exact = float(np.mean(reencoded[:, i0:i1, j0:j1] == ref[:, i0:i1, j0:j1]))
-    print(f"{method:8s} {pair:13s} region {v1 - v0}x{u1 - u0} PSNR {raw:6.2f} dB  "
-          f"re-encoded {reenc:6.2f} dB  exact {exact:.4f}")
-
+    c = compare(fused, root / "fused" / f"{pair}_{VIFB_NAME[method]}.jpg", crop, margin=RECEPTIVE_MARGIN)
+    print(f"{method:8s} {pair:13s} region {c.region[0]}x{c.region[1]} PSNR {c.raw:6.2f} dB  "
+          f"re-encoded {c.reencoded:6.2f} dB  exact {c.exact:.4f}")
+    reenc, raw, exact = c.reencoded, c.raw, c.exact
     assert reenc >= REENCODED_PSNR_MIN
     assert exact >= REENCODED_EXACT_MIN
     assert raw >= RAW_PSNR_MIN_JPEG_LIMITED.get((method, pair), RAW_PSNR_MIN)
