@@ -12,6 +12,7 @@ for missing resources; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -215,6 +216,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             jobs.requeue(job_id)
         print(f"requeued {len(args.ids)} job(s); a running node picks them up")
         return 0
+    if args.action == "show":
+        for job_id in args.ids:
+            job = jobs.get(job_id)
+            if job is None:
+                raise CliError(f"no job {job_id}; `fusion-node jobs list` shows them")
+            print(json.dumps({"id": job.id, "state": job.state, "pipeline": job.pipeline, "attempts": job.attempts,
+                              "error": job.error, "result": job.result}, indent=2, default=str))
+        return 0
     for j in jobs.list(args.state):
         secs = (j.result or {}).get("seconds", "")
         print(f"{j.id:5d} {j.state:8s} {j.pipeline:12s} attempts={j.attempts} {j.error or ''} {secs}")
@@ -280,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = with_config(sub.add_parser("trigger", help="declare a series complete now and pair it"))
     t.add_argument("series_uid")
     t.set_defaults(func=cmd_trigger)
-    j = with_config(sub.add_parser("jobs", help="list fusion jobs, or retry failed ones"))
-    j.add_argument("action", choices=("list", "retry"))
+    j = with_config(sub.add_parser("jobs", help="list fusion jobs, show one (error, timings, registration quality), "
+                                                "or retry failed ones"))
+    j.add_argument("action", choices=("list", "show", "retry"))
     j.add_argument("ids", type=int, nargs="*")
     j.add_argument("--state", choices=("queued", "running", "done", "failed"))
     j.set_defaults(func=cmd_jobs)

@@ -183,7 +183,7 @@ class Executor:
             result = self._run(job)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
             reason = getattr(exc, "operator_message", None) or f"{type(exc).__name__}: {exc}"
-            self._queue.fail(job.id, reason)
+            self._queue.fail(job.id, reason, getattr(exc, "result", None))
             log.error("job.failed", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, reason=reason,
                                                        trace=traceback.format_exc(limit=8)))
             return True

@@ -29,9 +29,11 @@ FUSE_BATCH = 16
 class JobError(RuntimeError):
     """A job that cannot be done as configured; ``operator_message`` says what to do."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, result: dict | None = None):
         super().__init__(message)
         self.operator_message = message
+        #: what was measured before the job stopped (e.g. the registration quality figures), kept on the job
+        self.result = result
 
 
 @dataclass
@@ -81,7 +83,8 @@ def _check_registration(job: Any, pipeline: Pipeline, fixed: Any, moving: Any, r
         raise JobError(
             f"registration rejected, nothing was sent: {quality.reason}. Check that the two series show the same "
             "body part of the same patient and that their orientation headers are right; to send such results "
-            f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}"
+            f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}",
+            result=result,
         )
     result["registration_warning"] = quality.warning
     return quality.warning

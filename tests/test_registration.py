@@ -428,6 +428,7 @@ def test_pipeline_policy_fails_or_warns_visibly(fixed, mr_like):
     assert "registration rejected" in text and "left-right" in text and "on_poor_quality" in text
     assert "margin 0.03" in text  # the threshold is named with the measured figure
     assert result["registration_quality"]["ok"] is False and result["registration_quality"]["problems"]
+    assert err.value.result is result  # kept on the failed job (jobs.Executor)
 
     result = {}
     warn = Pipeline.model_validate({**rule, "registration": {"on_poor_quality": "warn"}})
