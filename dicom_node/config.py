@@ -8,6 +8,7 @@ documents each key.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -32,18 +33,89 @@ def _check_ae(value: str) -> str:
     return value
 
 
+def _check_optional_ae(value: str | None) -> str | None:
+    return None if value is None else _check_ae(value).strip()
+
+
+def _check_ae_list(values: list[str]) -> list[str]:
+    return [_check_ae(v).strip() for v in values]
+
+
+def _check_networks(values: list[str]) -> list[str]:
+    """IP addresses or CIDR networks, IPv4 or IPv6; a network with host bits set is a typo, not a wish."""
+    out = []
+    for v in values:
+        try:
+            out.append(str(ipaddress.ip_network(v.strip(), strict=True)))
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IP address or network ({exc}); "
+                             "write e.g. '192.168.10.25', '10.0.0.0/8' or 'fd00::/8'") from None
+    return out
+
+
+class NodeTLS(_Model):
+    """DICOM TLS listener (PS3.15 Annex B, BCP 195 profiles): a second port beside the plain one.
+
+    Keeping the plain port by default is common PACS practice (modalities
+    without TLS keep working on the LAN); ``node.plain_enabled = false``
+    leaves only this listener.  Paths are relative to the config file.
+    """
+
+    enabled: bool = False
+    #: the DICOM TLS well-known port; 0 = any free port (tests)
+    port: int = Field(2762, ge=0, le=65535)
+    #: PEM certificate (chain) the node presents
+    certificate: Path | None = None
+    #: PEM private key of that certificate (unencrypted; protect it with file permissions)
+    private_key: Path | None = None
+    #: PEM file of the CA certificate(s) trusted to sign callers' client certificates
+    ca_certificates: Path | None = None
+    #: refuse callers without a client certificate signed by ``ca_certificates``
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _complete(self) -> "NodeTLS":
+        if self.enabled:
+            missing = [k for k in ("certificate", "private_key") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"TLS is enabled but {' and '.join(missing)} is not set; "
+                                 "name the node's PEM certificate and private key files")
+            if self.require_client_certificate and self.ca_certificates is None:
+                raise ValueError("require_client_certificate = true needs ca_certificates "
+                                 "(the CA certificate(s) that signed the callers' certificates)")
+        return self
+
+
 class NodeConfig(_Model):
     ae_title: str = "FUSIONNODE"
     host: str = "0.0.0.0"
     #: 0 = any free port (the demo and tests use it; the bound port is logged)
     port: int = Field(11112, ge=0, le=65535)
+    #: listen on ``port`` without TLS; false = only the [node.tls] listener answers
+    plain_enabled: bool = True
     #: calling AE titles allowed to associate; empty = anyone
     allowed_callers: list[str] = []
+    #: peer IP addresses or CIDR networks allowed to associate (IPv4/IPv6); empty = anyone
+    allowed_addresses: list[str] = []
+    #: reject associations whose Called AE Title is neither ``ae_title`` nor a pipeline's ``ae_title``
+    require_called_ae: bool = True
+    #: associations accepted at once (plain and TLS together); more are rejected transiently
     max_associations: int = Field(10, ge=1)
     #: seconds without traffic before an association is aborted
     network_timeout_s: float = Field(60.0, gt=0)
+    tls: NodeTLS = NodeTLS()
 
     _ae = field_validator("ae_title")(_check_ae)
+    _callers = field_validator("allowed_callers")(_check_ae_list)
+    _addresses = field_validator("allowed_addresses")(_check_networks)
+
+    @model_validator(mode="after")
+    def _listeners(self) -> "NodeConfig":
+        if not self.plain_enabled and not self.tls.enabled:
+            raise ValueError("plain_enabled = false needs [node.tls] enabled = true, or the node would not listen at all")
+        if self.plain_enabled and self.tls.enabled and self.port == self.tls.port != 0:
+            raise ValueError(f"port and tls.port are both {self.port}; the TLS listener needs its own port (2762 is usual)")
+        return self
 
 
 class StorageConfig(_Model):
@@ -66,11 +138,31 @@ class SettleConfig(_Model):
     use_announced_count: bool = True
 
 
+class DestinationTLS(_Model):
+    """Send to this destination over DICOM TLS; the peer's certificate is always verified."""
+
+    #: PEM CA certificate(s) that signed the peer's certificate; unset = the system trust store
+    ca_certificates: Path | None = None
+    #: PEM client certificate and key, for peers that require one (both or neither)
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: the peer's certificate must name ``host`` (DNS name or IP address)
+    verify_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> "DestinationTLS":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("set both certificate and private_key (the client certificate and its key), or neither")
+        return self
+
+
 class Destination(_Model):
     name: str
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    #: DICOM TLS to this peer; absent = plain TCP
+    tls: DestinationTLS | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -154,6 +246,23 @@ class Pipeline(_Model):
     #: CT window as [centre, width] in HU; empty = from the header, else a brain window
     ct_window: list[float] = []
     registration: RegistrationConfig = RegistrationConfig()
+    #: an extra Called AE Title the node answers to for this pipeline; series sent to it are
+    #: fused by this pipeline only from what arrived through it (unset = series from anywhere)
+    ae_title: str | None = None
+    #: calling AE titles / peer addresses allowed to call ``ae_title``, on top of the [node] lists
+    allowed_callers: list[str] = []
+    allowed_addresses: list[str] = []
+
+    _ae = field_validator("ae_title")(_check_optional_ae)
+    _callers = field_validator("allowed_callers")(_check_ae_list)
+    _addresses = field_validator("allowed_addresses")(_check_networks)
+
+    @model_validator(mode="after")
+    def _access(self) -> "Pipeline":
+        if self.ae_title is None and (self.allowed_callers or self.allowed_addresses):
+            raise ValueError("allowed_callers/allowed_addresses of a pipeline apply to associations called to its "
+                             "ae_title; set ae_title, or put the lists under [node]")
+        return self
 
     @field_validator("trio")
     @classmethod
@@ -216,6 +325,18 @@ class NodeSettings(_Model):
                     raise ValueError(f"pipeline {p.name!r} sends to unknown destination {d!r}; define it under [[destinations]]")
         return self
 
+    @model_validator(mode="after")
+    def _called_ae_titles(self) -> "NodeSettings":
+        seen = {self.node.ae_title.strip(): "node.ae_title"}
+        for p in self.pipelines:
+            if p.ae_title is None:
+                continue
+            if p.ae_title in seen:
+                raise ValueError(f"pipeline {p.name!r} ae_title {p.ae_title!r} is already used by {seen[p.ae_title]}; "
+                                 "each called AE title must route to one place")
+            seen[p.ae_title] = f"pipeline {p.name!r}"
+        return self
+
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
             if d.name == name:
@@ -249,7 +370,51 @@ def parse_config(raw: dict, base_dir: Path | None = None, source: str = "config"
         if db is not None and not db.is_absolute():
             db = base_dir / db
         cfg = cfg.model_copy(update={"storage": StorageConfig(root=root, database=db)})
-    return cfg
+    return _tls_files(cfg, base_dir, source)
+
+
+_TLS_FILE_KEYS = ("certificate", "private_key", "ca_certificates")
+
+
+def _tls_paths(model: _Model, key_prefix: str, base_dir: Path | None, source: str, *, check: bool = True,
+               owner: str = "") -> _Model:
+    """The TLS section with its paths made absolute (relative to the config file) and checked now.
+
+    A missing key file found at start-up is a clear message; found at the
+    first association, it is a refused connection at 3 a.m.
+    """
+    update = {}
+    for key in _TLS_FILE_KEYS:
+        path = getattr(model, key)
+        if path is None:
+            continue
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        update[key] = path
+        if not check:
+            continue
+        if not path.is_file():
+            raise ConfigError(f"{source}: {key_prefix}.{key}{owner}: file not found: {path} "
+                              "(a PEM file; paths are relative to the config file's folder)")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{source}: {key_prefix}.{key}{owner}: cannot read {path}: {exc.strerror}; "
+                              "check the file's permissions for the node's user") from None
+    return model.model_copy(update=update)
+
+
+def _tls_files(cfg: NodeSettings, base_dir: Path | None, source: str) -> NodeSettings:
+    node = cfg.node
+    # paths of a disabled listener are made absolute too, but only checked when it is enabled
+    node = node.model_copy(update={"tls": _tls_paths(node.tls, "node.tls", base_dir, source, check=node.tls.enabled)})
+    destinations = [
+        d if d.tls is None else d.model_copy(update={"tls": _tls_paths(
+            d.tls, f"destinations.{i}.tls", base_dir, source, owner=f" (destination {d.name!r})")})
+        for i, d in enumerate(cfg.destinations)
+    ]
+    return cfg.model_copy(update={"node": node, "destinations": destinations})
 
 
 EXAMPLE_TOML = """\
@@ -267,11 +432,34 @@ device = "auto"
 [node]
 ae_title = "FUSIONNODE"
 host = "0.0.0.0"
+# Plain (unencrypted) DICOM port; plain_enabled = false leaves only the TLS port.
 port = 11112
-# Calling AE titles allowed to send; empty list = anyone.
+plain_enabled = true
+# Who may associate (checked on every association, plain and TLS). A caller that
+# fails a check gets an A-ASSOCIATE-RJ (docs/conformance-statement.md, Security).
+# Calling AE titles allowed; empty list = anyone. Case-sensitive, e.g. ["CT01", "PACS"].
 allowed_callers = []
+# Peer IP addresses or networks allowed, IPv4 or IPv6, e.g. ["10.20.0.0/16", "192.168.1.7"];
+# empty list = anyone.
+allowed_addresses = []
+# Reject associations whose Called AE Title is neither ae_title nor a pipeline's ae_title.
+require_called_ae = true
+# Associations open at once, plain and TLS together; more are rejected (transient,
+# local limit exceeded) and the caller retries later.
 max_associations = 10
 network_timeout_s = 60
+
+# DICOM TLS (BCP 195 profile, TLS 1.2 or newer) on a second port beside the plain one.
+# Paths are relative to this file's folder; files are checked when the node starts.
+[node.tls]
+enabled = false
+port = 2762
+certificate = "tls/node-cert.pem"      # the node's certificate (chain), PEM
+private_key = "tls/node-key.pem"       # its private key, PEM, unencrypted: chmod 600
+# CA certificate(s) that sign the callers' client certificates, PEM
+ca_certificates = "tls/clients-ca.pem"
+# Refuse callers that present no certificate signed by ca_certificates.
+require_client_certificate = true
 
 [storage]
 # Received and derived instances, relative to this file's folder.
@@ -296,6 +484,13 @@ name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = 4242
+# Send over DICOM TLS: uncomment the block (paths relative to this file's folder).
+# The peer's certificate is always verified.
+# [destinations.tls]
+# ca_certificates = "tls/pacs-ca.pem"  # CA(s) that signed the PACS certificate; omit = system trust store
+# certificate = "tls/node-cert.pem"    # client certificate, when the PACS asks for one (with private_key)
+# private_key = "tls/node-key.pem"
+# verify_hostname = true               # the certificate must name `host` (DNS name or IP address)
 
 # A pipeline pairs a base series with an overlay series and fuses them.
 [[pipelines]]
@@ -310,6 +505,14 @@ trio = []
 feature_source = "vgg"
 # CT window [centre, width] in HU; empty = from the CT header, else brain (40, 80)
 ct_window = []
+# Optional own Called AE Title for this pipeline (unique, not the node's): series sent
+# to it are paired by this pipeline only with series that also arrived through it.
+# A pipeline without one takes series from any called AE title.
+# ae_title = "FUSE_MRCT"
+# Who may call that AE title, on top of [node] allowed_callers / allowed_addresses
+# (only with ae_title set; empty = no further restriction).
+allowed_callers = []
+allowed_addresses = []
 
 [pipelines.base]
 modality = ["CT"]

@@ -38,7 +38,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.status import code_to_category
 
-from dicom_node import db
+from dicom_node import db, tls
 from dicom_node.config import Destination, NodeSettings
 from dicom_node.logs import fields
 
@@ -524,16 +524,27 @@ class Outbox:
         ae.dimse_timeout = timeout
         ae.network_timeout = timeout
         ae.connection_timeout = min(timeout, 30.0)
-        where = dict(destination=name, ae_title=dest.ae_title, host=dest.host, port=dest.port)
+        where = dict(destination=name, ae_title=dest.ae_title, host=dest.host, port=dest.port, tls=dest.tls is not None)
+        tls_args = None
+        if dest.tls is not None:
+            try:
+                context = tls.client_context(dest.tls, name)
+            except tls.TLSConfigError as exc:
+                log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=str(exc)))
+                self._fail_all(name, batch, None, f"TLS configuration: {exc}", now, counts)
+                return counts
+            tls_args = (context, dest.host)  # the host name is checked when verify_hostname, else only sent (SNI)
         try:
             assoc = ae.associate(dest.host, dest.port, contexts=requested, ae_title=dest.ae_title,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)], tls_args=tls_args)
         except Exception as exc:  # bad address and the like
             log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=str(exc)))
             self._fail_all(name, batch, None, f"association failed: {exc}", now, counts)
             return counts
         if not assoc.is_established:
             reason = self._association_failure(assoc)
+            if tls_args is not None and tls_args[0].last_failure and not assoc.is_rejected:
+                reason = tls.describe_failure(tls_args[0].last_failure, dest.host, dest.tls)
             log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=reason))
             self._fail_all(name, batch, None, reason, now, counts)
             return counts

@@ -9,6 +9,10 @@ time).  A new instance re-opens a series (the store does that), so a late
 slice leads to a new job on the new inputs - while the same inputs settling
 twice map to the same job key and are processed once.
 
+Routing by Called AE Title: a pipeline with its own ``ae_title`` pairs only
+series that arrived through that AE title (an instance's ``called_ae`` in
+the store); a pipeline without one takes series from any called AE title.
+
 Every decision is logged with its reason (events ``pairing.*``).
 """
 
@@ -34,6 +38,12 @@ def selects(selector: SeriesSelector, series: Any) -> bool:
     if selector.description and not re.search(selector.description, series.series_description or "", re.IGNORECASE):
         return False
     return series.instance_count >= selector.min_instances
+
+
+def arrived_through(pipeline: Pipeline, called_aes: frozenset[str]) -> bool:
+    """Whether a series sent to ``called_aes`` may be paired by ``pipeline`` (one with its own AE title
+    takes only series sent to it)."""
+    return pipeline.ae_title is None or pipeline.ae_title in called_aes
 
 
 def same_scope(pipeline: Pipeline, a: Any, b: Any) -> bool:
@@ -91,18 +101,25 @@ class Pairing:
         now = db.now() if now is None else now
         new_jobs = []
         candidates = [s for st in WAITING for s in self._store.list_series(state=st, origin="received")]
+        called: dict[str, frozenset[str]] = {}  # this pass's cache: series UID -> called AE titles
         for s in [c for c in candidates if c.state == "settled"]:
-            fitting = [(p, role) for p in self._settings.pipelines for role in ("base", "overlay")
-                       if selects(getattr(p, role), s)]
+            selecting = [(p, role) for p in self._settings.pipelines for role in ("base", "overlay")
+                         if selects(getattr(p, role), s)]
+            fitting = [(p, role) for p, role in selecting if self._routed(p, s, called)]
             if not fitting:
-                self._store.set_series_state(s.series_uid, "unmatched", "no pipeline selects this series")
+                reason = "no pipeline selects this series"
+                if selecting:
+                    names = ", ".join(sorted({p.name for p, _ in selecting}))
+                    sent_to = ", ".join(sorted(self._called_aes(s, called))) or "no recorded AE title"
+                    reason = (f"pipeline(s) {names} take only series sent to their own AE title; "
+                              f"this one was sent to {sent_to}")
+                self._store.set_series_state(s.series_uid, "unmatched", reason)
                 log.info("pairing.series.unmatched", extra=logs.fields(
-                    series_uid=s.series_uid, modality=s.modality, instances=s.instance_count,
-                    reason="no pipeline selects this series"))
+                    series_uid=s.series_uid, modality=s.modality, instances=s.instance_count, reason=reason))
                 continue
             made = False
             for pipeline, role in fitting:
-                partner = self._partner(pipeline, role, s, candidates)
+                partner = self._partner(pipeline, role, s, candidates, called)
                 if partner is None:
                     continue
                 base, overlay = (s, partner) if role == "base" else (partner, s)
@@ -121,13 +138,24 @@ class Pairing:
                 log.warning("pairing.partner.timeout", extra=logs.fields(series_uid=s.series_uid, reason=reason))
         return new_jobs
 
-    def _partner(self, pipeline: Pipeline, role: str, s: Any, candidates: Iterable[Any]) -> Any | None:
+    def _partner(self, pipeline: Pipeline, role: str, s: Any, candidates: Iterable[Any],
+                 called: dict[str, frozenset[str]]) -> Any | None:
         other_role = "overlay" if role == "base" else "base"
-        options = [c for c in candidates if same_scope(pipeline, s, c) and selects(getattr(pipeline, other_role), c)]
+        options = [c for c in candidates if same_scope(pipeline, s, c) and selects(getattr(pipeline, other_role), c)
+                   and self._routed(pipeline, c, called)]
         if not options:
             return None
         # the partner acquired closest in time: the natural pair when a patient has several
         return min(options, key=lambda c: abs(c.last_received - s.last_received))
+
+    def _called_aes(self, s: Any, cache: dict[str, frozenset[str]]) -> frozenset[str]:
+        if s.series_uid not in cache:
+            cache[s.series_uid] = frozenset(self._store.called_aes(s.series_uid))
+        return cache[s.series_uid]
+
+    def _routed(self, pipeline: Pipeline, s: Any, cache: dict[str, frozenset[str]]) -> bool:
+        # only pipelines with their own AE title look the called AE titles up
+        return pipeline.ae_title is None or arrived_through(pipeline, self._called_aes(s, cache))
 
     def _make_job(self, pipeline: Pipeline, base: Any, overlay: Any) -> int | None:
         key = input_key(pipeline.name,

@@ -14,12 +14,20 @@ file to the store.
 
 Other services on the same AE/port (Q/R, see ``qr.py``) plug in through
 ``StorageServer(extra_handlers=..., configure=...)``.
+
+Who may associate is decided by :class:`dicom_node.access.AccessPolicy` on
+EVT_REQUESTED, before pynetdicom negotiates anything; a refused caller gets
+the A-ASSOCIATE-RJ result/source/reason named in ``access.py`` and one
+``scp.association.rejected`` log line with the rule and the reason.  With
+``[node.tls] enabled`` the same AE listens a second time, with TLS, on its own
+port (``tls.py``); ``node.plain_enabled = false`` leaves only that one.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +61,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicom_node import tls
+from dicom_node.access import REJECT_INTERNAL_ERROR, AccessPolicy, Decision
 from dicom_node.config import NodeSettings
 from dicom_node.logs import fields
 from dicom_node.store import InvalidInstanceError, Store, StoreError, check_uid
@@ -269,24 +279,35 @@ class StorageServer:
                  configure: Callable[[AE], None] | None = None) -> None:
         self.cfg = cfg
         self.store = store
+        self.policy = AccessPolicy.from_settings(cfg)
         self._extra_handlers = list(extra_handlers)
         self._configure = configure
-        self._server: Any = None
+        #: running listeners by name: "plain" and/or "tls"
+        self._servers: dict[str, Any] = {}
         self._ae: AE | None = None
         self._stats: dict[int, _AssocStats] = {}
+        self._decisions: dict[int, Decision] = {}
         self._lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
 
     def build_ae(self) -> AE:
-        """The configured AE (contexts, timeouts, allowed callers), not yet listening."""
+        """The configured AE (contexts, timeouts), not yet listening.
+
+        Access control is not configured on the AE: :meth:`_on_requested`
+        decides (``access.py``).  pynetdicom's own calling-AE check is kept as
+        a second line with the same node list; its association ceiling is set
+        above ours, because it also counts associations it is still tearing
+        down after a rejection and would refuse callers the policy admits.
+        """
         node = self.cfg.node
         ae = AE(ae_title=node.ae_title)
         ae.add_supported_context(Verification, list(VERIFICATION_TRANSFER_SYNTAXES))
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
         ae.require_calling_aet = list(node.allowed_callers)
-        ae.maximum_associations = node.max_associations
+        ae.require_called_aet = False  # pipelines add called AE titles; the policy checks them
+        ae.maximum_associations = 2 * node.max_associations + 10
         ae.network_timeout = node.network_timeout_s
         ae.acse_timeout = node.network_timeout_s
         ae.dimse_timeout = node.network_timeout_s
@@ -295,13 +316,18 @@ class StorageServer:
         return ae
 
     def _start(self) -> "StorageServer":
-        """Listen in background threads; returns at once. Raises OSError when the port is taken."""
+        """Listen in background threads; returns at once. Raises OSError when a port is taken."""
         # pynetdicom's process-wide switch (the only global this module touches): incoming
         # C-STORE datasets are written to a temporary file as they arrive instead of memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
         self.store.ensure_schema()
+        node = self.cfg.node
+        context = (tls.server_context(node.tls, on_failure=tls.log_failures(),
+                                      handshake_timeout_s=min(node.network_timeout_s, tls.HANDSHAKE_TIMEOUT_S))
+                   if node.tls.enabled else None)  # before listening: a bad key file fails the start
         self._ae = self.build_ae()
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -311,39 +337,65 @@ class StorageServer:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             *self._extra_handlers,
         ]
-        node = self.cfg.node
+        listeners: list[tuple[str, int, ssl.SSLContext | None]] = []
+        if node.plain_enabled:
+            listeners.append(("plain", node.port, None))
+        if context is not None:
+            listeners.append(("tls", node.tls.port, context))
         try:
-            self._server = self._ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
-        except OSError as exc:
-            raise OSError(f"cannot listen on {node.host}:{node.port}: {exc}; "
-                          "pick a free port in [node] port or stop the other listener") from exc
-        log.info("scp.started", extra=fields(ae_title=node.ae_title, host=node.host, port=self.port,
-                                             allowed_callers=len(node.allowed_callers)))
+            for name, port, ssl_context in listeners:
+                try:
+                    self._servers[name] = self._ae.start_server((node.host, port), block=False,
+                                                                evt_handlers=handlers, ssl_context=ssl_context)
+                except OSError as exc:
+                    key = "[node] port" if name == "plain" else "[node.tls] port"
+                    raise OSError(f"cannot listen on {node.host}:{port} ({name}): {exc}; "
+                                  f"pick a free port in {key} or stop the other listener") from exc
+        except BaseException:
+            self.stop()
+            raise
+        log.info("scp.started", extra=fields(
+            ae_title=node.ae_title, host=node.host, port=self._bound("plain"), tls_port=self._bound("tls"),
+            called_ae_titles=list(self.policy.called_ae_titles), allowed_callers=len(node.allowed_callers),
+            allowed_addresses=len(node.allowed_addresses), max_associations=node.max_associations))
         return self
 
     #: ``server.start()`` on an instance, or ``StorageServer.start(cfg, store)`` on the class
     #: (both styles are used in the node); either way it returns the running server.
     start = _StartMethod()
 
+    def _bound(self, name: str) -> int | None:
+        server = self._servers.get(name)
+        return None if server is None else int(server.server_address[1])
+
     @property
     def port(self) -> int:
-        """The bound port (the real one when the config asked for port 0)."""
-        if self._server is None:
+        """The bound plain port (the real one when the config asked for port 0); the TLS port when plain is off."""
+        if not self._servers:
             raise RuntimeError("server not started")
-        return int(self._server.server_address[1])
+        port = self._bound("plain")
+        return port if port is not None else int(self._bound("tls"))  # type: ignore[arg-type]
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound DICOM TLS port, None when TLS is not enabled."""
+        if not self._servers:
+            raise RuntimeError("server not started")
+        return self._bound("tls")
 
     def stop(self) -> None:
         """Stop listening and abort open associations (their unanswered stores are retried by the senders)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        servers, self._servers = self._servers, {}
+        for server in servers.values():
+            server.shutdown()
+        if servers:
             log.info("scp.stopped", extra=fields(ae_title=self.cfg.node.ae_title))
         if self._ae is not None:
             self._ae.shutdown()
             self._ae = None
 
     def __enter__(self) -> "StorageServer":
-        return self if self._server is not None else self._start()
+        return self if self._servers else self._start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -361,16 +413,48 @@ class StorageServer:
         with self._lock:
             return self._stats.pop(id(assoc), None) or _AssocStats(assoc.requestor.ae_title)
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """Access control: accept, or send the policy's A-ASSOCIATE-RJ before anything is negotiated."""
+        assoc = event.assoc
+        try:
+            rq = assoc.requestor.primitive
+            decision = self.policy.decide(rq.calling_ae_title, rq.called_ae_title, assoc.requestor.address,
+                                          _open_associations(assoc))
+        except Exception as exc:  # a bug must not let a caller in unchecked: fail closed, transient
+            log.exception("scp.access.error", extra=fields(address=assoc.requestor.address))
+            decision = Decision(REJECT_INTERNAL_ERROR, f"access decision failed: {type(exc).__name__}", "internal_error")
+        if decision.accepted:
+            return
+        with self._lock:
+            self._decisions[id(assoc)] = decision
+        assoc.acse.send_reject(*decision.rejection)
+        # what pynetdicom does after its own rejections: tell the handlers, then wait for the
+        # DUL to deliver the A-ASSOCIATE-RJ and close, before the server drops the socket
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
     def _on_accepted(self, event: evt.Event) -> None:
         stats = self._stats_for(event.assoc)
         log.info("scp.association.accepted", extra=fields(calling_ae=stats.calling_ae,
+                                                          called_ae=_called_ae(event.assoc),
                                                           address=event.assoc.requestor.address,
+                                                          tls=_is_tls(event.assoc),
                                                           contexts=len(event.assoc.accepted_contexts)))
 
     def _on_rejected(self, event: evt.Event) -> None:
-        log.warning("scp.association.rejected", extra=fields(calling_ae=event.assoc.requestor.ae_title,
-                                                             address=event.assoc.requestor.address,
-                                                             allowed_callers=list(self.cfg.node.allowed_callers)))
+        assoc = event.assoc
+        with self._lock:
+            decision = self._decisions.pop(id(assoc), None)
+        rj = getattr(assoc.acceptor, "primitive", None)
+        result = getattr(rj, "result", None)
+        source = getattr(rj, "result_source", None)
+        reason = getattr(rj, "diagnostic", None)
+        log.warning("scp.association.rejected", extra=fields(
+            calling_ae=assoc.requestor.ae_title or getattr(assoc.requestor.primitive, "calling_ae_title", None),
+            called_ae=_called_ae(assoc), address=assoc.requestor.address, tls=_is_tls(assoc),
+            rule=decision.rule if decision else "pynetdicom",
+            reason=decision.why if decision else "rejected by pynetdicom's own checks",
+            result=result, source=source, diagnostic=reason))
 
     def _on_released(self, event: evt.Event) -> None:
         log.info("scp.association.released", extra=fields(**self._pop_stats(event.assoc).as_fields()))
@@ -421,7 +505,7 @@ class StorageServer:
             if rejection is not None:
                 return self._reject(rejection, sop_uid, calling_ae)
             try:
-                result = self.store.store_received(tmp, calling_ae)
+                result = self.store.store_received(tmp, calling_ae, called_ae=_called_ae(event.assoc))
             except StoreError as exc:
                 return self._reject(Rejection(STATUS_OUT_OF_RESOURCES, "store failed", str(exc)), sop_uid, calling_ae)
             except InvalidInstanceError as exc:
@@ -437,6 +521,28 @@ class StorageServer:
             log.debug("scp.store.ok", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
                                                    calling_ae=calling_ae))
         return STATUS_SUCCESS
+
+
+def _called_ae(assoc: Any) -> str | None:
+    """The Called AE Title the peer asked for (the node's or a pipeline's), as sent, without padding."""
+    primitive = getattr(assoc.requestor, "primitive", None)
+    title = getattr(primitive, "called_ae_title", None)
+    return (title.strip() or None) if isinstance(title, str) else None
+
+
+def _is_tls(assoc: Any) -> bool:
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    return isinstance(sock, ssl.SSLSocket)
+
+
+def _open_associations(assoc: Any) -> int:
+    """Associations this AE has accepted or is negotiating, ``assoc`` not included.
+
+    Ones already rejected, released or aborted whose threads are still
+    winding down do not count: they hold no slot a caller could use.
+    """
+    return sum(1 for a in assoc.ae.active_associations
+               if a is not assoc and a.is_acceptor and not (a.is_rejected or a.is_released or a.is_aborted))
 
 
 def start(cfg: NodeSettings, store: Store, **kwargs: Any) -> StorageServer:

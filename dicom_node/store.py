@@ -90,13 +90,20 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    calling_ae TEXT
+    calling_ae TEXT,
+    called_ae TEXT
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_id);
 """
+
+#: columns added after the first release: (table, column, declaration); added to older databases on open
+_ADDED_COLUMNS = (
+    # the Called AE Title an instance was sent to: a pipeline with its own AE title pairs only what came through it
+    ("instances", "called_ae", "TEXT"),
+)
 
 
 class StoreError(Exception):
@@ -134,6 +141,8 @@ class InstanceRecord:
     size_bytes: int
     received_at: float
     calling_ae: str | None
+    #: the Called AE Title it was sent to (the node's or a pipeline's); None for derived or older instances
+    called_ae: str | None = None
 
 
 @dataclass(frozen=True)
@@ -300,16 +309,34 @@ class Store:
         try:
             _make_dirs(self.instances_dir)
             _make_dirs(self.tmp_dir)
-            self._conn().executescript(_SCHEMA)
+            conn = self._conn()
+            conn.executescript(_SCHEMA)
+            self._migrate(conn)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot prepare the store under {self.root}: {exc}; check permissions and free space") from exc
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Add columns that databases written by older versions lack (ALTER TABLE ... ADD COLUMN)."""
+
+        def missing() -> list[tuple[str, str, str]]:
+            return [(t, c, d) for t, c, d in _ADDED_COLUMNS
+                    if c not in {r["name"] for r in conn.execute(f"PRAGMA table_info({t})")}]
+
+        if not missing():
+            return
+        with db.transaction(conn):
+            for table, column, decl in missing():  # again under the lock: another process may have done it
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                log.info("store.schema.migrated", extra=fields(table=table, added_column=column))
 
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return Path("instances") / study_uid / series_uid / f"{sop_instance_uid}.dcm"
 
     # -- writing ----------------------------------------------------------------------
 
-    def store_received(self, tmp_path: Path, calling_ae: str, origin: str = "received") -> StoreResult:
+    def store_received(self, tmp_path: Path, calling_ae: str, origin: str = "received", *,
+                       called_ae: str | None = None) -> StoreResult:
         """Move a complete Part-10 file into the store and index it; idempotent on SOP Instance UID.
 
         ``tmp_path`` should lie under :attr:`tmp_dir` (same filesystem).  The
@@ -317,6 +344,8 @@ class Store:
         instance is already stored.  Raises :class:`InvalidInstanceError` for a
         file that is not a storable instance (left in place for the caller)
         and :class:`StoreError` when the disk or the index fails.
+        ``called_ae`` is the Called AE Title it was sent to; a duplicate keeps
+        the one of its first arrival.
         """
         if origin not in ("received", "derived"):
             raise ValueError("origin is 'received' or 'derived'")
@@ -363,7 +392,7 @@ class Store:
                     placed = True
                     _fsync_dir(final.parent)
                     self._index(conn, ds, study_uid, series_uid, sop_uid, sop_class, tsyntax, rel, size, now,
-                                calling_ae, origin)
+                                calling_ae, origin, called_ae)
         except (sqlite3.Error, OSError) as exc:
             if placed:
                 # No index row refers to it (the transaction rolled back); an unindexed file
@@ -390,7 +419,8 @@ class Store:
         return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True)
 
     def _index(self, conn: sqlite3.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
-               sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str) -> None:
+               sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,
+               called_ae: str | None = None) -> None:
         study = {
             "patient_id": _text(ds, "PatientID"),
             "patient_name": _text(ds, "PatientName"),
@@ -439,10 +469,11 @@ class Store:
                                                                 reason=REOPEN_REASON))
         conn.execute(
             "INSERT INTO instances (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax_uid, instance_number,"
-            " rows, columns, number_of_frames, path, size_bytes, received_at, calling_ae)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " rows, columns, number_of_frames, path, size_bytes, received_at, calling_ae, called_ae)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (sop_uid, series_uid, sop_class, tsyntax, _int(ds, "InstanceNumber"), _int(ds, "Rows"),
-             _int(ds, "Columns"), _int(ds, "NumberOfFrames"), rel.as_posix(), size, now, calling_ae),
+             _int(ds, "Columns"), _int(ds, "NumberOfFrames"), rel.as_posix(), size, now, calling_ae,
+             (called_ae or "").strip() or None),
         )
 
     def store_dataset(self, ds: Dataset, origin: str = "derived", calling_ae: str | None = None) -> StoreResult:
@@ -521,6 +552,12 @@ class Store:
             (series_uid,),
         )
         return [self._instance(r) for r in rows]
+
+    def called_aes(self, series_uid: str) -> frozenset[str]:
+        """The Called AE Titles the series' instances were sent to (empty for derived or pre-migration ones)."""
+        rows = self._query("SELECT DISTINCT called_ae FROM instances WHERE series_uid = ? AND called_ae IS NOT NULL",
+                           (series_uid,))
+        return frozenset(r["called_ae"] for r in rows)
 
     def set_series_state(self, uid: str, state: str, reason: str, *, expected_state: str | None = None,
                          unchanged_since: float | None = None) -> bool:
