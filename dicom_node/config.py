@@ -247,7 +247,7 @@ class Pipeline(_Model):
     ct_window: list[float] = []
     registration: RegistrationConfig = RegistrationConfig()
     #: an extra Called AE Title the node answers to for this pipeline; series sent to it are
-    #: fused by this pipeline only from what arrived through it (unset = series from anywhere)
+    #: fused by this pipeline only from what arrived through it (unset = series sent to the node's own AE title)
     ae_title: str | None = None
     #: calling AE titles / peer addresses allowed to call ``ae_title``, on top of the [node] lists
     allowed_callers: list[str] = []
@@ -507,7 +507,7 @@ feature_source = "vgg"
 ct_window = []
 # Optional own Called AE Title for this pipeline (unique, not the node's): series sent
 # to it are paired by this pipeline only with series that also arrived through it.
-# A pipeline without one takes series from any called AE title.
+# A pipeline without one takes series sent to the node's AE title, not those sent to another pipeline's.
 # ae_title = "FUSE_MRCT"
 # Who may call that AE title, on top of [node] allowed_callers / allowed_addresses
 # (only with ae_title set; empty = no further restriction).

@@ -11,7 +11,8 @@ twice map to the same job key and are processed once.
 
 Routing by Called AE Title: a pipeline with its own ``ae_title`` pairs only
 series that arrived through that AE title (an instance's ``called_ae`` in
-the store); a pipeline without one takes series from any called AE title.
+the store); a pipeline without one takes series sent to any other called AE
+title (the node's own), never those sent to another pipeline's.
 
 Every decision is logged with its reason (events ``pairing.*``).
 """
@@ -40,10 +41,16 @@ def selects(selector: SeriesSelector, series: Any) -> bool:
     return series.instance_count >= selector.min_instances
 
 
-def arrived_through(pipeline: Pipeline, called_aes: frozenset[str]) -> bool:
-    """Whether a series sent to ``called_aes`` may be paired by ``pipeline`` (one with its own AE title
-    takes only series sent to it)."""
-    return pipeline.ae_title is None or pipeline.ae_title in called_aes
+def arrived_through(pipeline: Pipeline, called_aes: frozenset[str], pipeline_aes: frozenset[str]) -> bool:
+    """Whether a series sent to ``called_aes`` may be paired by ``pipeline``.
+
+    A pipeline with its own AE title takes only series sent to it; one without
+    takes the rest, but not series sent to another pipeline's AE title (the
+    sender chose that pipeline: fusing it twice would send two fused series).
+    """
+    if pipeline.ae_title is None:
+        return not (called_aes & pipeline_aes)
+    return pipeline.ae_title in called_aes
 
 
 def same_scope(pipeline: Pipeline, a: Any, b: Any) -> bool:
@@ -154,8 +161,10 @@ class Pairing:
         return cache[s.series_uid]
 
     def _routed(self, pipeline: Pipeline, s: Any, cache: dict[str, frozenset[str]]) -> bool:
-        # only pipelines with their own AE title look the called AE titles up
-        return pipeline.ae_title is None or arrived_through(pipeline, self._called_aes(s, cache))
+        pipeline_aes = frozenset(p.ae_title for p in self._settings.pipelines if p.ae_title)
+        if not pipeline_aes:  # no pipeline has its own AE title: nothing to look up
+            return True
+        return arrived_through(pipeline, self._called_aes(s, cache), pipeline_aes)
 
     def _make_job(self, pipeline: Pipeline, base: Any, overlay: Any) -> int | None:
         key = input_key(pipeline.name,

@@ -339,19 +339,25 @@ def test_instances_record_the_called_ae_and_pairing_follows_it(make_server, tmp_
     assert unmatched.state == "unmatched" and "own AE title" in unmatched.state_reason and NODE_AE in unmatched.state_reason
 
 
-def test_pipeline_without_ae_title_takes_series_from_anywhere(make_server, tmp_path):
+def test_pipeline_without_ae_title_leaves_series_sent_to_another_pipelines_ae(make_server, tmp_path):
+    """A series sent to a pipeline's own AE title belongs to that pipeline: never fused twice."""
     server = make_server(pipelines=[pipeline("anywhere"), pipeline("other", ae_title=PIPE_AE,
                                                                   base={"modality": ["PT"], "min_instances": 2})])
     study = generate_uid(UID_PREFIX)
     ct = series_files(tmp_path / "a", "CT", 2, study)
-    mr = series_files(tmp_path / "b", "MR", 2, study)
+    mr_routed = series_files(tmp_path / "b", "MR", 2, study)
     storescu(server.port, NODE_AE, ct)
-    storescu(server.port, PIPE_AE, mr)  # sent to another pipeline's AE title: still "anywhere"
+    storescu(server.port, PIPE_AE, mr_routed)  # meant for "other" (which waits for its PT)
     jobs = JobQueue(server.store.db_path)
     jobs.ensure_schema()
     pairing = Pairing(server.cfg, server.store, jobs)
     for s in server.store.list_series():
         pairing.trigger(s.series_uid)
+    assert pairing.pair_settled() == []
+
+    mr = series_files(tmp_path / "c", "MR", 2, study)
+    storescu(server.port, NODE_AE, mr)  # sent to the node's own AE title: "anywhere" takes it
+    pairing.trigger(series_uid(mr[0]))
     (job_id,) = pairing.pair_settled()
     job = jobs.get(job_id)
     assert (job.pipeline, job.base_series_uid, job.overlay_series_uid) == ("anywhere", series_uid(ct[0]), series_uid(mr[0]))
