@@ -34,6 +34,20 @@ Registration — one Spatial Registration object (1.2.840.10008.5.1.4.1.1.66.1),
       overlay's Frame of Reference with the matrix that maps overlay coordinates into
       base coordinates (see ``build_registration`` for the direction convention).
 
+Character sets (PS3.5 6.1; tests/test_charsets.py)
+    * Patient and study text is copied as pydicom decoded it from the base, and the
+      object is written in the base's Specific Character Set, verbatim (single-byte
+      sets such as ISO_IR 100, UTF-8 ISO_IR 192, ISO 2022 code extensions such as
+      ``["", "ISO 2022 IR 87"]``; pydicom re-encodes each PN component group with the
+      escape sequences), so a PACS files the derived series under the same name bytes.
+    * When that set cannot hold every text value the object carries (a base that
+      sends non-ASCII without declaring a set, a set pydicom does not know, a
+      configured institution name outside the base's repertoire), the object is
+      written in ISO_IR 192 instead (``FALLBACK_CHARSET``): UTF-8 holds every value,
+      where keeping the base's declaration would write bytes it does not cover.
+    * Text the node adds itself (descriptions, labels) must fit the output set; the
+      node's own texts are ASCII.
+
 Codes (checked against pydicom's copy of PS3.16):
     * Derivation Code Sequence (CID 7203 "Image Derivation"): PS3.16 has no code for
       multimodal image fusion (CID 7203 lists resampling, MPR, MIP, pixel-by-pixel
@@ -57,14 +71,14 @@ import datetime
 import platform
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 
 import numpy as np
 from highdicom.base_content import ContributingEquipment
 from highdicom.sc import SCImage
-from pydicom.charset import convert_encodings
+from pydicom.charset import convert_encodings, custom_encoders, python_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.coding import Code
 from pydicom.uid import (
@@ -82,6 +96,7 @@ __all__ = [
     "CODE_SOURCE_IMAGE_FOR_PROCESSING",
     "CODE_SPATIAL_RESAMPLING",
     "Equipment",
+    "FALLBACK_CHARSET",
     "IMPLEMENTATION_CLASS_UID",
     "SC_MODALITY",
     "build_registration",
@@ -116,6 +131,10 @@ IMPLEMENTATION_CLASS_UID = generate_uid(
     prefix="1.2.826.0.1.3680043.8.498.", entropy_srcs=["dicom-fusion-node", __version__]
 )
 IMPLEMENTATION_VERSION_NAME = f"DFN_{__version__}"[:16]
+
+#: Specific Character Set of a derived object whose base's set cannot hold every text value
+#: the object carries (see the module docstring): UTF-8 holds them all.
+FALLBACK_CHARSET = "ISO_IR 192"
 
 _IS_MAX = 2**31 - 1
 _LO_MAX = 64
@@ -346,7 +365,7 @@ def build_sc_series(
                 "fuse on the base grid"
             )
     base0 = base_headers[0]
-    charset = base0.get("SpecificCharacterSet")
+    charset = _output_charset(base0, eq)
     _check_lo(series_description, "series_description", charset)
     _check_text(derivation_description, "derivation_description", _ST_MAX, charset)
     if overlay_index is None:
@@ -399,7 +418,7 @@ def build_sc_series(
         )
         ds: Dataset = sc
         ds.Modality = SC_MODALITY  # highdicom writes the same; see SC_MODALITY
-        _copy_patient_study(base0, ds)
+        _copy_patient_study(base0, ds, charset)
         ds.PatientOrientation = orientation
         _copy_laterality(base0, ds)
         # General Image
@@ -469,7 +488,7 @@ def build_registration(
         raise ValueError("both base_headers and overlay_headers are needed")
     stored = registration_matrix(matrix)
     base0, ov0 = base_headers[0], overlay_headers[0]
-    charset = base0.get("SpecificCharacterSet")
+    charset = _output_charset(base0, eq)
     if not _CONTENT_LABEL.match(content_label):
         raise ValueError(f"content_label {content_label!r} must be 1-16 of A-Z, 0-9, '_' or space (CS)")
     _check_lo(series_description, "series_description", charset)
@@ -485,15 +504,13 @@ def build_registration(
     sop_uid = generate_uid(prefix=uid_root)
     ds = Dataset()
     ds.file_meta = _file_meta(SpatialRegistrationStorage, sop_uid)
-    if "SpecificCharacterSet" in base0:
-        ds.SpecificCharacterSet = deepcopy(base0.SpecificCharacterSet)
     # SOP Common
     ds.SOPClassUID = SpatialRegistrationStorage
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = DA(now.date())
     ds.InstanceCreationTime = TM(now.time())
     # Patient, General Study, Patient Study
-    _copy_patient_study(base0, ds)
+    _copy_patient_study(base0, ds, charset)
     # General Series + Spatial Registration Series
     ds.Modality = "REG"
     ds.SeriesInstanceUID = generate_uid(prefix=uid_root)
@@ -647,11 +664,15 @@ def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     return meta
 
 
-def _copy_patient_study(base: Dataset, ds: Dataset) -> None:
-    """Patient / General Study / Patient Study attributes, verbatim (same study as the base)."""
+def _copy_patient_study(base: Dataset, ds: Dataset, charset) -> None:
+    """Patient / General Study / Patient Study attributes, verbatim (same study as the base).
+
+    ``charset`` is the object's Specific Character Set (``_output_charset``); the
+    copied values are Unicode, so pydicom encodes them in it when the object is written.
+    """
     ds.StudyInstanceUID = base.StudyInstanceUID
-    if "SpecificCharacterSet" in base:
-        ds.SpecificCharacterSet = deepcopy(base.SpecificCharacterSet)
+    if charset:
+        ds.SpecificCharacterSet = deepcopy(charset)
     elif "SpecificCharacterSet" in ds:
         del ds.SpecificCharacterSet
     for kw in _COPIED_TYPE2:
@@ -733,8 +754,7 @@ def _contributing_equipment(base: Dataset, overlay: Dataset | None, charset) -> 
             item = ContributingEquipment.for_image_acquisition(h)
         except Exception:
             continue
-        texts = [str(e.value) for e in item if e.VR in _TEXT_VRS and e.value is not None]
-        if all(_encodable(t, charset) for t in texts):
+        if all(_encodable(t, charset) for t in _texts(item)):
             items.append(item)
     return items
 
@@ -747,27 +767,88 @@ def _default_series_number(base: Dataset, offset: int) -> int:
     return max(1, min(number, _IS_MAX))
 
 
-def _codecs(charset) -> list[str]:
+def _charset_terms(charset) -> list[str]:
     if not charset:
-        return ["ascii"]
+        return []
     values = [charset] if isinstance(charset, str) else list(charset)
+    return [str(v).strip() for v in values]
+
+
+def _codecs(charset) -> list[str]:
+    """Python codecs of a Specific Character Set; the default repertoire is checked as ASCII."""
+    terms = _charset_terms(charset)
+    if not terms:
+        return ["ascii"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert_encodings(values)
+        codecs = convert_encodings(terms)
+    # pydicom writes the default repertoire (ISO-IR 6) with Latin-1, which would hide non-ASCII
+    return ["ascii" if c == "iso8859" else c for c in codecs]
 
 
-_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "PN"}
+def _known_charset(charset) -> bool:
+    """Every term is a DICOM defined term pydicom can encode (a misspelt or unknown
+    term was decoded with a guessed set, so declaring it again would be wrong)."""
+    return all(t in python_encoding for t in _charset_terms(charset))
+
+
+_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN"}
+# Copied from the base besides the patient/study attributes (REG: Position Reference Indicator, LO).
+_COPIED_OTHER = ("PositionReferenceIndicator",)
+
+
+def _texts(ds: Dataset) -> Iterator[str]:
+    """Every text value (LO, SH, ST, LT, UT, UC, PN) in ``ds``, sequence items included."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                yield from _texts(item)
+        elif elem.VR in _TEXT_VRS and elem.value not in (None, ""):
+            values = elem.value if elem.VM > 1 else [elem.value]
+            yield from (str(v) for v in values if v is not None)
+
+
+def _fits(text: str, codec: str) -> bool:
+    encoder = custom_encoders.get(codec)  # pydicom's strict JIS X 0201/0208/0212 encoders
+    try:
+        if encoder is not None:
+            encoder(text)
+        else:
+            text.encode(codec)
+    except (UnicodeError, LookupError, ValueError):
+        return False
+    return True
 
 
 def _encodable(value: str, charset) -> bool:
-    """Whether ``value`` can be written in ``charset`` (default repertoire = ASCII)."""
-    for codec in _codecs(charset):
-        try:
-            value.encode(codec if codec != "iso8859" else "ascii")
-            return True
-        except (UnicodeEncodeError, LookupError):
-            continue
-    return False
+    """Whether ``value`` can be written in ``charset`` (default repertoire = ASCII).
+
+    With ISO 2022 code extensions (several terms) each character needs only to be in
+    one of the declared sets: pydicom switches sets with escape sequences inside a value.
+    """
+    codecs = _codecs(charset)
+    if any(_fits(value, c) for c in codecs):
+        return True
+    return len(codecs) > 1 and all(any(_fits(ch, c) for c in codecs) for ch in value)
+
+
+def _output_charset(base: Dataset, eq: Equipment) -> str | list[str] | None:
+    """The Specific Character Set of a derived object: the base's, else ``FALLBACK_CHARSET``.
+
+    The base's set is kept whenever it covers every text value copied from the base
+    and every equipment string, so the derived series carries the patient's name as
+    the source series did (see the module docstring for when it does not).
+    """
+    charset = base.get("SpecificCharacterSet")
+    copied = Dataset()
+    for kw in (*_COPIED_TYPE2, *_COPIED_OPTIONAL, *_COPIED_OTHER):
+        if kw in base:
+            copied[kw] = base[kw]
+    texts = [*_texts(copied), eq.manufacturer, eq.manufacturer_model_name, eq.software_versions,
+             eq.serial(), eq.institution_name or ""]
+    if _known_charset(charset) and all(_encodable(t, charset) for t in texts):
+        return deepcopy(charset) if charset else None
+    return FALLBACK_CHARSET
 
 
 def _check_text(value: str, name: str, max_len: int, charset) -> None:

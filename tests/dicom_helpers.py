@@ -6,12 +6,15 @@ PATH may be pynetdicom's console scripts, which behave differently.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -98,3 +101,137 @@ def write(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# -- dicom3tools' dciodvfy -------------------------------------------------------------------
+
+DCIODVFY = Path("/usr/bin/dciodvfy")
+
+
+def dciodvfy(path: Path, expected_warnings: Iterable[re.Pattern[str]] = (), *,
+             max_warnings: int | None = None) -> list[str]:
+    """Run dicom3tools' ``dciodvfy``; fail on any error or on a warning no pattern explains.
+
+    Returns the warning lines.  The output is decoded leniently: dciodvfy echoes
+    offending values in the file's own bytes, which need not be UTF-8.  The IOD
+    name line (e.g. "SCImage") must be there, so a file dciodvfy did not
+    recognise cannot pass silently.
+    """
+    if not DCIODVFY.exists():
+        pytest.skip(f"{DCIODVFY} not installed (apt-get install dicom3tools); conformance not checked")
+    proc = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, errors="replace",
+                          timeout=120)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    print(f"dciodvfy {Path(path).name}:\n  " + "\n  ".join(lines))
+    errors = [ln for ln in lines if "Error" in ln or ln.startswith("Abort")]
+    assert not errors, f"dciodvfy errors for {Path(path).name}:\n" + "\n".join(errors)
+    assert any(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", ln.strip()) for ln in lines), (
+        f"dciodvfy did not name an IOD for {Path(path).name}:\n" + "\n".join(lines))
+    patterns = list(expected_warnings)
+    warnings_ = [ln for ln in lines if ln.startswith("Warning")]
+    unexpected = [w for w in warnings_ if not any(p.search(w) for p in patterns)]
+    assert not unexpected, f"unexpected dciodvfy warnings for {Path(path).name}:\n" + "\n".join(unexpected)
+    if max_warnings is not None:
+        assert len(warnings_) <= max_warnings, warnings_
+    return warnings_
+
+
+#: dciodvfy warnings every SC object with the base slice's geometry gives (derived.py module doc):
+#: Image Position/Orientation (Patient), Frame of Reference UID and Slice Location are Standard
+#: Extended attributes of the SC Image IOD.
+SC_GEOMETRY_WARNINGS = re.compile(
+    r"not present in standard DICOM IOD - \(0x0020,0x00(32|37|52)\)|\(0x0020,0x1041\)"
+    r"|this is a Standard Extended SOP Class"
+)
+
+
+# -- synthetic source series (headers only, what a scanner sends minus the pixels) ------------
+
+_SOURCE_SOP_CLASSES = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "PT": "1.2.840.10008.5.1.4.1.1.128",
+}
+
+
+def source_series(
+    modality: str,
+    n: int,
+    *,
+    rows: int = 16,
+    cols: int = 16,
+    spacing: float = 1.0,
+    dz: float = 2.0,
+    study_uid: str | None = None,
+    frame_uid: str | None = None,
+    charset: str | list[str] | None = "ISO_IR 100",
+    patient_name: str = "Doe^Jane",
+    patient_id: str = "P123",
+    study_description: str = "Head",
+    series_number: int = 3,
+    manufacturer: str = "ACME",
+) -> list[Dataset]:
+    """Headers of one CT, MR or PT series (axial, contiguous), in volume order.
+
+    ``charset`` is written as Specific Character Set (None: none, i.e. the default
+    repertoire) and the text values are set as Unicode; write them to disk and read
+    them back to get what the node sees.
+    """
+    study_uid = study_uid or generate_uid(UID_PREFIX)
+    frame_uid = frame_uid or generate_uid(UID_PREFIX)
+    series_uid = generate_uid(UID_PREFIX)
+    out = []
+    for k in range(n):
+        h = Dataset()
+        if charset is not None:
+            h.SpecificCharacterSet = charset
+        h.SOPClassUID = _SOURCE_SOP_CLASSES[modality]
+        h.SOPInstanceUID = generate_uid(UID_PREFIX)
+        h.Modality = modality
+        h.PatientName = patient_name
+        h.PatientID = patient_id
+        h.PatientBirthDate = "19700101"
+        h.PatientSex = "F"
+        h.StudyInstanceUID = study_uid
+        h.StudyDate = "20260101"
+        h.StudyTime = "101500"
+        h.AccessionNumber = "ACC1"
+        h.ReferringPhysicianName = "Who^Doctor"
+        h.StudyID = "S1"
+        h.StudyDescription = study_description
+        h.SeriesInstanceUID = series_uid
+        h.SeriesNumber = series_number
+        h.Manufacturer = manufacturer
+        h.ManufacturerModelName = f"{manufacturer} {modality}"
+        h.BodyPartExamined = "HEAD"
+        h.FrameOfReferenceUID = frame_uid
+        h.PositionReferenceIndicator = ""
+        h.InstanceNumber = k + 1
+        h.ImagePositionPatient = [f"{-rows * spacing / 2:.4f}", f"{-cols * spacing / 2:.4f}", f"{k * dz:.4f}"]
+        h.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        h.SliceLocation = f"{k * dz:.4f}"
+        h.PixelSpacing = [str(spacing), str(spacing)]
+        h.SliceThickness = str(dz)
+        h.Rows, h.Columns = rows, cols
+        if modality == "PT":
+            h.Units = "BQML"
+            h.CorrectedImage = ["ATTN", "DECY"]
+            h.DecayCorrection = "START"
+        out.append(h)
+    return out
+
+
+def through_disk(headers: Iterable[Dataset], folder: Path) -> list[Dataset]:
+    """Write each header as a Part-10 file and read it back without pixels, as the node reads its store."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for h in headers:
+        h = Dataset(h)
+        h.file_meta = FileMetaDataset()
+        h.file_meta.MediaStorageSOPClassUID = h.SOPClassUID
+        h.file_meta.MediaStorageSOPInstanceUID = h.SOPInstanceUID
+        h.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{h.SOPInstanceUID}.dcm"
+        h.save_as(path, enforce_file_format=True)
+        out.append(dcmread(path, stop_before_pixels=True))
+    return out

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import dicom_helpers
 import numpy as np
 import pydicom
 import pytest
@@ -37,7 +38,6 @@ from dicom_node.derived import (
 )
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
-DCIODVFY = Path("/usr/bin/dciodvfy")
 DERIVATION = "DMF fusion of MR onto CT: ADF+CBF+FPDE exposures, VGG16 gradients; rigid MI registration"
 
 # Warnings dciodvfy may give, and why they are acceptable:
@@ -47,10 +47,7 @@ EXPECTED_WARNINGS = {
     # base without Laterality or Body Part Examined: Laterality written empty = unknown
     "empty Laterality": re.compile(r"only permitted to be empty when actually unknown.*<Laterality>"),
     # include_geometry=True: IPP/IOP/FoR/Slice Location are Standard Extended in SC
-    "SC geometry": re.compile(
-        r"not present in standard DICOM IOD - \(0x0020,0x00(32|37|52)\)|\(0x0020,0x1041\)"
-        r"|this is a Standard Extended SOP Class"
-    ),
+    "SC geometry": dicom_helpers.SC_GEOMETRY_WARNINGS,
 }
 
 
@@ -61,18 +58,7 @@ EXPECTED_WARNINGS = {
 
 def dciodvfy(path: Path) -> list[str]:
     """Run dciodvfy; return its warning lines; fail on any error line or unexpected warning."""
-    if not DCIODVFY.exists():
-        pytest.skip(f"{DCIODVFY} not installed (apt-get install dicom3tools); conformance not checked")
-    proc = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=120)
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-    print(f"dciodvfy {path.name}:\n  " + "\n  ".join(lines))
-    errors = [ln for ln in lines if "Error" in ln]
-    assert not errors, f"dciodvfy errors for {path.name}:\n" + "\n".join(errors)
-    warnings_ = [ln for ln in lines if ln.startswith("Warning")]
-    unexpected = [w for w in warnings_ if not any(p.search(w) for p in EXPECTED_WARNINGS.values())]
-    assert not unexpected, f"unexpected dciodvfy warnings for {path.name}:\n" + "\n".join(unexpected)
-    assert len(warnings_) <= 8, warnings_
-    return warnings_
+    return dicom_helpers.dciodvfy(path, EXPECTED_WARNINGS.values(), max_warnings=8)
 
 
 def write(ds: Dataset, path: Path) -> Dataset:
