@@ -48,10 +48,12 @@ class Node:
         return self._server.port if self._server else self.settings.node.port
 
     def start(self) -> "Node":
+        from dicom_node.qr import QueryRetrieveService
         from dicom_node.scp import StorageServer
 
         self.jobs.recover()
-        self._server = StorageServer.start(self.settings, self.store)
+        handlers, configure = QueryRetrieveService(self.settings, self.store).hooks()
+        self._server = StorageServer.start(self.settings, self.store, extra_handlers=handlers, configure=configure)
         self.executor.start()
         self.outbox.start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="settle-sweep", daemon=True)
