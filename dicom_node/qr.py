@@ -84,8 +84,8 @@ MOVE_SOP_CLASSES: tuple[str, ...] = (
 )
 #: transfer syntaxes accepted for the Q/R SOP classes (identifiers are small; uncompressed only)
 QR_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 )
 

@@ -71,10 +71,13 @@ log = logging.getLogger("dicom_node.scp")
 
 # -- conformance: what the node accepts (docs/conformance statement is checked against these) --
 
-#: transfer syntaxes accepted for every storage SOP class, in order of preference
+#: transfer syntaxes accepted for every storage SOP class, in order of preference: of the syntaxes a
+#: requestor proposes in one context, pynetdicom accepts the first of *this* list.  Explicit VR first, so
+#: VRs (private elements included) survive and C-GET callers get what most PACS store; Implicit VR second,
+#: the default every peer supports; compressed syntaxes only when the sender offers no uncompressed one
 STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
@@ -90,8 +93,8 @@ STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 #: transfer syntaxes accepted for Verification
 VERIFICATION_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.2",
 )
 

@@ -82,8 +82,8 @@ def node(tmp_path_factory, storescp):
         StudyDate="20240615", SeriesNumber=1)
     add("C-MR", "C", 1, patient_id="PID-YAMADA", PatientName=YAMADA, SpecificCharacterSet=["", "ISO 2022 IR 87"],
         modality="MR", sop_class=MRImageStorage, StudyDate="20231231", StudyDescription="頭部MRI", SeriesNumber=1)
-    # implicit VR on the wire: what old modalities send, and what getscu's storage contexts get from the node
-    proc = run_tool("storescu", "-xi", "-aet", "MODALITY", "-aec", SCP_AE, "127.0.0.1", str(server.port), *files,
+    # storescu proposes every uncompressed syntax; the node picks Explicit VR LE (first in its list)
+    proc = run_tool("storescu", "-aet", "MODALITY", "-aec", SCP_AE, "127.0.0.1", str(server.port), *files,
                     timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for k in range(2):  # the node's own output: a derived series in study A
@@ -224,11 +224,12 @@ def test_getscu_series_files_identical_to_the_store(node, tmp_path):
         _, offset = split_dataset(path)
         received = path.read_bytes()[offset:]
         stored = stored_dataset_bytes(node.store, uid)
-        # stored as Implicit VR Little Endian (storescu -xi), and the node picks Implicit VR LE from getscu's
-        # proposal too, so each instance goes out as stored: byte for byte
+        # stored as Explicit VR Little Endian, and the node picks Explicit VR LE from getscu's proposal
+        # too, so each instance goes out as stored: byte for byte
         assert dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == \
             dcmread(node.store.get_instance(uid).path, stop_before_pixels=True).file_meta.TransferSyntaxUID
         assert received == stored
+        assert str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.1"
         assert np.array_equal(dcmread(path).pixel_array, dcmread(node.store.get_instance(uid).path).pixel_array)
 
 
