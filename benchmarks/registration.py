@@ -63,15 +63,6 @@ def stats(values) -> dict:
     return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": float(a.max()), "n": int(a.size)}
 
 
-def moved_header(img: sitk.Image, p: np.ndarray) -> sitk.Image:
-    out = sitk.Image(img)
-    d = np.array(img.GetDirection()).reshape(3, 3)
-    o = np.array(img.GetOrigin())
-    out.SetDirection([float(v) for v in (p[:3, :3] @ d).ravel()])
-    out.SetOrigin([float(v) for v in p[:3, :3] @ o + p[:3, 3]])
-    return out
-
-
 def load_avg() -> str:
     try:
         return ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -137,7 +128,7 @@ def cirs_pair(ct, mr) -> dict:
         axis, direction = rng.normal(size=3), rng.normal(size=3)
         angle, shift = float(rng.uniform(5, 15)), float(rng.uniform(10, 40))
         pm = rc.rigid(angle, axis, shift * direction / np.linalg.norm(direction), rc.centre(ct))
-        b = register_rigid(moved_header(ct, pm), mr, p)
+        b = register_rigid(rc.moved_header(ct, pm), mr, p)
         d = rc.tre_mm(b.matrix @ pm, a.matrix, ct)
         cons.append({"angle_deg": angle, "shift_mm": shift, "disagreement": d.tolist(), "seconds": b.seconds})
         log(f"  CT moved {angle:.1f} deg / {shift:.1f} mm: composed results differ median {np.median(d):.2f} max "

@@ -160,16 +160,20 @@ def source_series(
     *,
     rows: int = 16,
     cols: int = 16,
-    spacing: float = 1.0,
+    spacing: float | tuple[float, float] = 1.0,
     dz: float = 2.0,
+    z0: float = 0.0,
+    iop=(1, 0, 0, 0, 1, 0),
     study_uid: str | None = None,
     frame_uid: str | None = None,
     charset: str | list[str] | None = "ISO_IR 100",
     patient_name: str = "Doe^Jane",
     patient_id: str = "P123",
     study_description: str = "Head",
+    study_date: str = "20260101",
     series_number: int = 3,
     manufacturer: str = "ACME",
+    body_part: str | None = "HEAD",
 ) -> list[Dataset]:
     """Headers of one CT, MR or PT series (axial, contiguous), in volume order.
 
@@ -180,6 +184,9 @@ def source_series(
     study_uid = study_uid or generate_uid(UID_PREFIX)
     frame_uid = frame_uid or generate_uid(UID_PREFIX)
     series_uid = generate_uid(UID_PREFIX)
+    sp = (float(spacing), float(spacing)) if np.isscalar(spacing) else tuple(float(v) for v in spacing)
+    iop = np.asarray(iop, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
     out = []
     for k in range(n):
         h = Dataset()
@@ -193,7 +200,7 @@ def source_series(
         h.PatientBirthDate = "19700101"
         h.PatientSex = "F"
         h.StudyInstanceUID = study_uid
-        h.StudyDate = "20260101"
+        h.StudyDate = study_date
         h.StudyTime = "101500"
         h.AccessionNumber = "ACC1"
         h.ReferringPhysicianName = "Who^Doctor"
@@ -203,15 +210,17 @@ def source_series(
         h.SeriesNumber = series_number
         h.Manufacturer = manufacturer
         h.ManufacturerModelName = f"{manufacturer} {modality}"
-        h.BodyPartExamined = "HEAD"
+        if body_part:
+            h.BodyPartExamined = body_part
         h.FrameOfReferenceUID = frame_uid
         h.PositionReferenceIndicator = ""
         h.InstanceNumber = k + 1
-        h.ImagePositionPatient = [f"{-rows * spacing / 2:.4f}", f"{-cols * spacing / 2:.4f}", f"{k * dz:.4f}"]
-        h.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        h.SliceLocation = f"{k * dz:.4f}"
-        h.PixelSpacing = [str(spacing), str(spacing)]
-        h.SliceThickness = str(dz)
+        pos = np.array([-rows * sp[0] / 2, -cols * sp[1] / 2, 0.0]) + (z0 + k * dz) * normal
+        h.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+        h.ImageOrientationPatient = [f"{v:g}" for v in iop]
+        h.SliceLocation = f"{z0 + k * dz:.4f}"
+        h.PixelSpacing = [f"{sp[0]:g}", f"{sp[1]:g}"]
+        h.SliceThickness = f"{dz:g}"
         h.Rows, h.Columns = rows, cols
         if modality == "PT":
             h.Units = "BQML"

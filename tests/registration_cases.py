@@ -226,3 +226,13 @@ def flipped_lr(img: sitk.Image) -> sitk.Image:
     out = sitk.Flip(img, flip, flipAboutOrigin=False)
     out.CopyInformation(img)  # same grid, mirrored content
     return out
+
+
+def moved_header(img: sitk.Image, p: np.ndarray) -> sitk.Image:
+    """The same voxels placed by the rigid ``p`` in patient space (point x -> p x): an exact, interpolation-free move."""
+    out = sitk.Image(img)
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    o = np.array(img.GetOrigin())
+    out.SetDirection([float(v) for v in (p[:3, :3] @ d).ravel()])
+    out.SetOrigin([float(v) for v in p[:3, :3] @ o + p[:3, 3]])
+    return out

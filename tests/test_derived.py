@@ -20,9 +20,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    CTImageStorage,
     ExplicitVRLittleEndian,
-    MRImageStorage,
     SecondaryCaptureImageStorage,
     SpatialRegistrationStorage,
     generate_uid,
@@ -83,45 +81,11 @@ def synthetic_series(
     iop=(1, 0, 0, 0, 1, 0),
     body_part: str | None = "HEAD",
 ) -> list[Dataset]:
-    """Minimal CT/MR headers (what a scanner sends, pixel data left out)."""
-    series_uid = generate_uid()
-    iop = np.asarray(iop, dtype=float)
-    normal = np.cross(iop[:3], iop[3:])
-    out = []
-    for k in range(n):
-        h = Dataset()
-        h.SpecificCharacterSet = "ISO_IR 100"
-        h.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
-        h.SOPInstanceUID = generate_uid()
-        h.Modality = modality
-        h.PatientName = patient_name
-        h.PatientID = patient_id
-        h.PatientBirthDate = "19700101"
-        h.PatientSex = "F"
-        h.StudyInstanceUID = study_uid
-        h.StudyDate = "20250101"
-        h.StudyTime = "101500"
-        h.AccessionNumber = "ACC1"
-        h.ReferringPhysicianName = "Who^Doctor"
-        h.StudyID = "S1"
-        h.StudyDescription = "Head"
-        h.SeriesInstanceUID = series_uid
-        h.SeriesNumber = series_number
-        h.Manufacturer = "ACME"
-        h.ManufacturerModelName = f"ACME {modality}"
-        if body_part:
-            h.BodyPartExamined = body_part
-        h.FrameOfReferenceUID = frame_uid
-        h.PositionReferenceIndicator = ""
-        h.InstanceNumber = k + 1
-        pos = np.array([-rows * spacing[0] / 2, -cols * spacing[1] / 2, 0.0]) + (z0 + k * dz) * normal
-        h.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-        h.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
-        h.SliceLocation = f"{z0 + k * dz:.4f}"
-        h.PixelSpacing = [str(spacing[0]), str(spacing[1])]
-        h.Rows, h.Columns = rows, cols
-        out.append(h)
-    return out
+    """Minimal CT/MR headers (what a scanner sends, pixel data left out), ISO_IR 100."""
+    return dicom_helpers.source_series(
+        modality, n, rows=rows, cols=cols, spacing=spacing, dz=dz, z0=z0, iop=iop, study_uid=study_uid,
+        frame_uid=frame_uid, patient_name=patient_name, patient_id=patient_id, study_date="20250101",
+        series_number=series_number, body_part=body_part)
 
 
 def rigid(rx_deg: float, ry_deg: float, rz_deg: float, t) -> np.ndarray:

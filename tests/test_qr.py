@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
 
 from dicom_helpers import UID_PREFIX, make_image
 from dicom_node import qr
-from dicom_node.config import Destination, NodeSettings, StorageConfig
+from dicom_node.config import Destination, NodeSettings, StorageConfig, parse_config
 from dicom_node.qr import QueryRetrieveService
 from dicom_node.scp import StorageServer
 from dicom_node.store import Store
@@ -176,12 +176,11 @@ def destination():
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, destination):
     root = tmp_path_factory.mktemp("qr")
-    cfg = NodeSettings(storage=StorageConfig(root=root / "data"),
-                       destinations=[Destination(name="workstation", ae_title=DEST_AE, host="127.0.0.1",
-                                                 port=destination.port)])
-    # port 0 = let the OS choose (bypasses the ge=1 validation on purpose; tests only)
-    cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={
-        "ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0})})
+    cfg = parse_config({
+        "node": {"ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0},
+        "storage": {"root": str(root / "data")},
+        "destinations": [{"name": "workstation", "ae_title": DEST_AE, "host": "127.0.0.1", "port": destination.port}],
+    })
     store = Store(cfg.storage.root, cfg.storage.database_path)
     store.ensure_schema()
     catalog = _fill(store)

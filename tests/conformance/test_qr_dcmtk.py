@@ -20,7 +20,7 @@ from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_u
 from pynetdicom.dsutils import split_dataset
 
 from dicom_helpers import UID_PREFIX, dcmtk, free_port, make_image, run_tool, write
-from dicom_node.config import Destination, NodeSettings, StorageConfig
+from dicom_node.config import parse_config
 from dicom_node.qr import QueryRetrieveService
 from dicom_node.scp import StorageServer
 from dicom_node.store import Store
@@ -55,11 +55,11 @@ def storescp(tmp_path_factory):
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, storescp):
     root = tmp_path_factory.mktemp("qr-dcmtk")
-    cfg = NodeSettings(storage=StorageConfig(root=root / "data"),
-                       destinations=[Destination(name="dcmtk", ae_title=DEST_AE, host="127.0.0.1",
-                                                 port=storescp.port)])
-    cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={
-        "ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0})})
+    cfg = parse_config({
+        "node": {"ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0},
+        "storage": {"root": str(root / "data")},
+        "destinations": [{"name": "dcmtk", "ae_title": DEST_AE, "host": "127.0.0.1", "port": storescp.port}],
+    })
     store = Store(cfg.storage.root, cfg.storage.database_path)
     handlers, configure = QueryRetrieveService(cfg, store).hooks()
     server = StorageServer(cfg, store, extra_handlers=handlers, configure=configure).start()
