@@ -166,7 +166,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service import Node
 
     node = Node(_settings(args)).start()
-    print(f"fusion-node listening as {node.settings.node.ae_title} on port {node.port}; Ctrl-C stops", flush=True)
+    cfg = node.settings.node
+    ports = [f"TLS port {node.tls_port}"] if node.tls_port is not None else []
+    if cfg.plain_enabled:
+        ports.insert(0, f"port {node.port}")
+    aes = [cfg.ae_title, *(p.ae_title for p in node.settings.pipelines if p.ae_title)]
+    print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C stops", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node._stop.set())
     node.wait()

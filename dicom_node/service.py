@@ -47,6 +47,11 @@ class Node:
     def port(self) -> int:
         return self._server.port if self._server else self.settings.node.port
 
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS port while running with TLS enabled, else None."""
+        return self._server.tls_port if self._server else None
+
     def start(self) -> "Node":
         from dicom_node.qr import QueryRetrieveService
         from dicom_node.scp import StorageServer

@@ -466,3 +466,51 @@ def test_disabled_tls_needs_no_files_and_bad_pem_is_named(tmp_path, pki):
     # TLS 1.2 suites: forward secrecy and AEAD only (BCP 195)
     tls12 = [c["name"] for c in server.get_ciphers() if c["protocol"] == "TLSv1.2"]
     assert tls12 and all(("ECDHE" in n or "DHE" in n) and ("GCM" in n or "CHACHA20" in n) for n in tls12), tls12
+
+
+# -- the operator's view: `fusion-node serve` from a TOML file -----------------------------------
+
+
+def test_serve_command_listens_on_plain_and_tls_and_stops_cleanly(pki, tmp_path):
+    """The real process: config from TOML (relative certificate paths), both ports printed, SIGTERM stops it."""
+    import shutil
+    import signal
+    import sys
+
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    for src, name in ((pki.node.cert, "node-cert.pem"), (pki.node.key, "node-key.pem"), (pki.ca.pem, "ca.pem")):
+        shutil.copy(src, tls_dir / name)
+    (tmp_path / "node.toml").write_text(f'''
+[node]
+ae_title = "{NODE_AE}"
+host = "127.0.0.1"
+port = 0
+[node.tls]
+enabled = true
+port = 0
+certificate = "tls/node-cert.pem"
+private_key = "tls/node-key.pem"
+ca_certificates = "tls/ca.pem"
+[storage]
+root = "data"
+''')
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(tmp_path / "node.toml")],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"fusion-node listening as {NODE_AE} on port "), line + proc.stderr.read()
+        plain = int(line.split(" on port ")[1].split()[0])
+        tls_port = int(line.split("TLS port ")[1].split(";")[0])
+        echo = run("echoscu", *tls_args(pki.scu, pki.ca.pem), "-aet", "MODALITY", "-aec", NODE_AE,
+                   "127.0.0.1", tls_port)
+        assert echo.returncode == 0, echo
+        assert run("echoscu", "-aet", "MODALITY", "-aec", NODE_AE, "127.0.0.1", plain).returncode == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert (tmp_path / "data" / "node.sqlite").is_file()  # storage paths are relative to the config file
