@@ -291,6 +291,16 @@ class OutboxConfig(_Model):
     backoff_max_s: float = Field(600.0, gt=0)
 
 
+class QueryRetrieveConfig(_Model):
+    """Query/Retrieve SCP for workstations (dicom_node/qr.py); callers pass the same access checks as senders."""
+
+    #: answer C-FIND, C-GET and C-MOVE on the node's AE titles; false = a pure router (storage only)
+    enabled: bool = True
+    #: names of [[destinations]] a C-MOVE may send to; empty = every destination.  A C-MOVE to any other
+    #: AE title is refused (0xA801): the node never sends patient data to an address a caller made up
+    move_destinations: list[str] = []
+
+
 class NodeSettings(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
@@ -300,6 +310,7 @@ class NodeSettings(_Model):
     destinations: list[Destination] = []
     pipelines: list[Pipeline] = []
     outbox: OutboxConfig = OutboxConfig()
+    query_retrieve: QueryRetrieveConfig = QueryRetrieveConfig()
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -323,6 +334,10 @@ class NodeSettings(_Model):
             for d in p.destinations:
                 if d not in names:
                     raise ValueError(f"pipeline {p.name!r} sends to unknown destination {d!r}; define it under [[destinations]]")
+        for d in self.query_retrieve.move_destinations:
+            if d not in names:
+                raise ValueError(f"query_retrieve.move_destinations names unknown destination {d!r}; "
+                                 "define it under [[destinations]]")
         return self
 
     @model_validator(mode="after")
@@ -477,6 +492,12 @@ use_announced_count = true
 max_attempts = 6
 backoff_initial_s = 5
 backoff_max_s = 600
+
+# Query/Retrieve for workstations: C-FIND, C-GET, and C-MOVE to known destinations.
+[query_retrieve]
+enabled = true
+# Names of [[destinations]] a C-MOVE may send to; empty = every destination.
+move_destinations = []
 
 # Where fused series go. Add one block per PACS or workstation.
 [[destinations]]

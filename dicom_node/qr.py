@@ -15,7 +15,7 @@ that still cannot go is counted as a failed sub-operation, listed in Failed
 SOP Instance UID List, and logged with its reason.
 
 C-MOVE destinations are the AE titles under ``[[destinations]]`` in the
-config (reached over DICOM TLS when the destination has ``[destinations.tls]``):
+config, limited to ``query_retrieve.move_destinations`` when that is set (reached over DICOM TLS when the destination has ``[destinations.tls]``):
 a move to any other AE title is answered 0xA801, because the node never sends
 patient data to an address a caller made up.  pynetdicom sends a C-MOVE's
 final status only after it associated with the destination, so a C-MOVE with
@@ -312,10 +312,15 @@ class QueryRetrieveService:
             conn.close()
 
     def _destination(self, ae_title: str) -> Destination | None:
-        for dest in self.settings.destinations:
+        for dest in self._move_destinations():
             if dest.ae_title.strip() == ae_title:
                 return dest
         return None
+
+    def _move_destinations(self) -> list[Destination]:
+        """The destinations a C-MOVE may name: ``query_retrieve.move_destinations``, or all when that is empty."""
+        names = set(self.settings.query_retrieve.move_destinations)
+        return [d for d in self.settings.destinations if not names or d.name in names]
 
     @staticmethod
     def _connect_args(dest: Destination, **kwargs: Any) -> dict[str, Any]:
@@ -451,8 +456,9 @@ class QueryRetrieveService:
         if dest is None:
             log.warning("qr.move.unknown_destination", extra=fields(
                 **where, status=f"0x{STATUS_MOVE_DESTINATION_UNKNOWN:04X}",
-                known=[d.ae_title for d in self.settings.destinations],
-                action="add the AE title with host and port under [[destinations]] in the node config"))
+                known=[d.ae_title for d in self._move_destinations()],
+                action="add the AE title with host and port under [[destinations]] in the node config "
+                       "(and its name to query_retrieve.move_destinations when that list is set)"))
             yield None, None  # pynetdicom answers 0xA801
             return
         where["destination"] = dest.name

@@ -57,7 +57,9 @@ class Node:
         from dicom_node.scp import StorageServer
 
         self.jobs.recover()
-        handlers, configure = QueryRetrieveService(self.settings, self.store).hooks()
+        handlers, configure = ((), None)
+        if self.settings.query_retrieve.enabled:
+            handlers, configure = QueryRetrieveService(self.settings, self.store).hooks()
         self._server = StorageServer.start(self.settings, self.store, extra_handlers=handlers, configure=configure)
         self.executor.start()
         self.outbox.start()

@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
 
 from dicom_helpers import UID_PREFIX, make_image
 from dicom_node import qr
-from dicom_node.config import Destination, NodeSettings, StorageConfig, parse_config
+from dicom_node.config import ConfigError, Destination, NodeSettings, parse_config
 from dicom_node.qr import QueryRetrieveService
 from dicom_node.scp import StorageServer
 from dicom_node.store import Store
@@ -782,16 +782,60 @@ def test_node_serves_query_retrieve(tmp_path):
     """The service wiring: Node.start brings the Q/R SCP up on the node's own port."""
     from dicom_node.service import Node
 
-    cfg = NodeSettings(storage=StorageConfig(root=tmp_path / "data"))
-    cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={
-        "ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0})})
-    node = Node(cfg)
+    node = Node(_node_settings(tmp_path))
     ds = make_image(patient_id="PID-NODE", PatientName=MUELLER)
     _put(node.store, ds)
     node.start()
     try:
         answers = find_ok(node, QueryRetrieveLevel="STUDY", StudyInstanceUID="", PatientName="m*")
         assert [(a.StudyInstanceUID, str(a.PatientName)) for a in answers] == [(ds.StudyInstanceUID, MUELLER)]
+    finally:
+        node.stop()
+
+
+def _node_settings(tmp_path, **query_retrieve) -> NodeSettings:
+    return parse_config({
+        "node": {"ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0},
+        "storage": {"root": str(tmp_path / "data")},
+        "destinations": [{"name": "ws1", "ae_title": "WS1", "host": "127.0.0.1", "port": 1104},
+                         {"name": "ws2", "ae_title": "WS2", "host": "127.0.0.1", "port": 1105}],
+        "query_retrieve": query_retrieve,
+    })
+
+
+def test_query_retrieve_can_be_switched_off(tmp_path):
+    """query_retrieve.enabled = false: a pure router; Q/R contexts are refused, storage still works."""
+    from dicom_node.service import Node
+
+    node = Node(_node_settings(tmp_path, enabled=False)).start()
+    try:
+        ae = AE(ae_title=SCU_AE)
+        ae.add_requested_context(STUDY_FIND)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=SCP_AE)
+        assert assoc.is_established
+        try:
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            assert accepted == {str(CTImageStorage)}
+        finally:
+            assoc.release()
+    finally:
+        node.stop()
+
+
+def test_move_destinations_limit_where_c_move_may_send(tmp_path):
+    """A destination the outbox knows but query_retrieve.move_destinations leaves out: 0xA801, nothing sent."""
+    from dicom_node.service import Node
+
+    with pytest.raises(ConfigError, match="unknown destination 'nowhere'"):
+        _node_settings(tmp_path, move_destinations=["nowhere"])
+    node = Node(_node_settings(tmp_path, move_destinations=["ws1"]))
+    ds = make_image(patient_id="PID-MOVE")
+    _put(node.store, ds)
+    node.start()
+    try:
+        final = c_move(node, query(QueryRetrieveLevel="STUDY", StudyInstanceUID=ds.StudyInstanceUID), dest="WS2")
+        assert final.Status == 0xA801
     finally:
         node.stop()
 

@@ -32,7 +32,8 @@ from pynetdicom.status import code_to_category
 from dicom_helpers import UID_PREFIX, free_port, source_series
 from dicom_node import access, derived, outbox, qr, query, scp, tls
 from dicom_node.outbox import Outbox
-from dicom_node.config import Destination, DestinationTLS, NodeConfig, NodeSettings, OutboxConfig, StorageConfig
+from dicom_node.config import (Destination, DestinationTLS, NodeConfig, NodeSettings, OutboxConfig,
+                                QueryRetrieveConfig, StorageConfig)
 from dicom_node.store import Store
 
 STATEMENT = Path(__file__).resolve().parents[2] / "docs" / "conformance-statement.md"
@@ -309,7 +310,8 @@ def test_config_defaults(tables):
     rows = {r["Configuration key"]: r["Default"] for r in tables["config-defaults"]}
     defaults = NodeSettings()
     # the networking sections are listed completely; other rows are checked where they appear
-    required = {**_leaf_defaults(NodeConfig(), "node."), **_leaf_defaults(OutboxConfig(), "outbox.")}
+    required = {**_leaf_defaults(NodeConfig(), "node."), **_leaf_defaults(OutboxConfig(), "outbox."),
+                **_leaf_defaults(QueryRetrieveConfig(), "query_retrieve.")}
     missing = sorted(set(required) - set(rows))
     assert not missing, f"configuration keys missing from the statement: {missing}"
     for key, text in rows.items():
