@@ -6,10 +6,14 @@ PATH may be pynetdicom's console scripts, which behave differently.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import re
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +248,39 @@ def through_disk(headers: Iterable[Dataset], folder: Path) -> list[Dataset]:
         h.save_as(path, enforce_file_format=True)
         out.append(dcmread(path, stop_before_pixels=True))
     return out
+
+
+class JsonLog:
+    """What the node's loggers wrote while capturing, as the JSON lines an operator would see."""
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+
+    def text(self) -> str:
+        return self.buffer.getvalue()
+
+    def events(self, event: str | None = None) -> list[dict]:
+        """Every log record as a dict, or only those with this stable event name."""
+        docs = [json.loads(line) for line in self.text().splitlines() if line.strip()]
+        return [d for d in docs if event is None or d["event"] == event]
+
+
+@contextmanager
+def json_logs(*names: str, level: int = logging.INFO) -> Iterator[JsonLog]:
+    """Capture the named loggers through the node's own JSON formatter (independent of propagation)."""
+    from dicom_node.logs import JsonFormatter
+
+    log = JsonLog()
+    handler = logging.StreamHandler(log.buffer)
+    handler.setFormatter(JsonFormatter())
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(level)
+    try:
+        yield log
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(old)

@@ -8,9 +8,6 @@ rejection primitive's result/source/reason).
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 import sqlite3
 import subprocess
 import time
@@ -22,8 +19,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_helpers import UID_PREFIX, dcmtk, make_image, write
-from dicom_node import logs
+from dicom_helpers import UID_PREFIX, dcmtk, json_logs, make_image, write
 from dicom_node.access import (
     REJECT_ADDRESS,
     REJECT_CALLED_AE,
@@ -138,16 +134,8 @@ def test_networks_are_normalised():
 @pytest.fixture
 def capture():
     """The SCP's JSON log lines, as dicts."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(logs.JsonFormatter())
-    logger = logging.getLogger("dicom_node.scp")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lambda event: [d for d in map(json.loads, buf.getvalue().splitlines()) if d["event"] == event]
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+    with json_logs("dicom_node.scp") as log:
+        yield log.events
 
 
 @pytest.fixture

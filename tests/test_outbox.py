@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 import sqlite3
@@ -23,7 +22,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from dicom_node import logs
+from dicom_helpers import json_logs
 from dicom_node.config import Destination, NodeConfig, NodeSettings, OutboxConfig
 from dicom_node.outbox import Outbox, OutboxItem
 
@@ -176,16 +175,8 @@ class Storescp:
 @pytest.fixture
 def capture():
     """JSON log lines of dicom_node.outbox (independent of propagation settings)."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(logs.JsonFormatter())
-    logger = logging.getLogger("dicom_node.outbox")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield buf
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+    with json_logs("dicom_node.outbox", level=logging.DEBUG) as log:
+        yield log
 
 
 def states(ob: Outbox) -> dict[str, str]:
@@ -213,7 +204,7 @@ def test_sends_to_dcmtk_storescp_in_one_association(tmp_path, capture):
         ob.close()
     finally:
         scp.stop()
-    text = capture.getvalue()
+    text = capture.text()
     assert '"event": "outbox.enqueued"' in text and '"event": "outbox.sent"' in text
     assert PATIENT_NAME not in text and "Secret" not in text and PATIENT_ID not in text
 
@@ -261,7 +252,7 @@ def test_backoff_doubles_caps_and_dead_letters(tmp_path, capture):
     assert item.attempts == 6 and "connection failed" in item.last_error
     assert ob.process_due(now=now + 1e6) == {"sent": 0, "retried": 0, "dead": 0}  # dead stays dead
     assert ob.wait_idle(0)  # no pending/sending left -> idle
-    text = capture.getvalue()
+    text = capture.text()
     assert '"event": "outbox.dead"' in text and item.sop_instance_uid in text
     assert '"event": "outbox.association.failed"' in text and '"event": "outbox.retry"' in text
     ob.close()
@@ -293,7 +284,7 @@ def test_failure_status_retries_dies_and_is_revived(tmp_path, peer, capture):
     assert ob.process_due() == {"sent": 2, "retried": 0, "dead": 0}
     assert set(peer.received) == uids(files)
     assert ob.retry() == 0  # sent items are never touched
-    assert '"status": "0xA700"' in capture.getvalue()
+    assert '"status": "0xA700"' in capture.text()
     ob.close()
 
 
@@ -305,7 +296,7 @@ def test_warning_status_counts_as_sent(tmp_path, peer, capture):
     assert ob.process_due() == {"sent": 1, "retried": 0, "dead": 0}
     (item,) = ob.list()
     assert item.state == "sent" and item.last_status == 0xB000
-    lines = [ln for ln in capture.getvalue().splitlines() if '"outbox.sent"' in ln]
+    lines = [ln for ln in capture.text().splitlines() if '"outbox.sent"' in ln]
     assert lines and '"level": "warning"' in lines[0] and "0xB000" in lines[0]
     ob.close()
 

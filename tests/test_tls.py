@@ -9,10 +9,7 @@ P-256 keys: fast to make, and inside DCMTK's default BCP 195 profile.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import ipaddress
-import json
-import logging
 import socket
 import ssl
 import subprocess
@@ -30,8 +27,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_helpers import UID_PREFIX, dcmtk, free_port, make_image, write
-from dicom_node import logs, tls
+from dicom_helpers import UID_PREFIX, dcmtk, free_port, json_logs, make_image, write
+from dicom_node import tls
 from dicom_node.config import ConfigError, Destination, DestinationTLS, NodeConfig, NodeSettings, NodeTLS, \
     OutboxConfig, StorageConfig, load_config, parse_config
 from dicom_node.outbox import Outbox
@@ -142,23 +139,8 @@ def pki(tmp_path_factory) -> PKI:
 @pytest.fixture
 def capture():
     """JSON log lines of the node's loggers, as dicts."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(logs.JsonFormatter())
-    loggers = [logging.getLogger(n) for n in ("dicom_node.scp", "dicom_node.tls", "dicom_node.outbox")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-
-    def lines(event: str | None = None) -> list[dict]:
-        docs = [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
-        return [d for d in docs if event is None or d["event"] == event]
-
-    yield lines
-    for lg, level in zip(loggers, levels):
-        lg.removeHandler(handler)
-        lg.setLevel(level)
+    with json_logs("dicom_node.scp", "dicom_node.tls", "dicom_node.outbox") as log:
+        yield log.events
 
 
 def node_settings(tmp_path: Path, pki: PKI, *, plain: bool = True, require_client: bool = True,
