@@ -1,6 +1,7 @@
 """Registration accuracy, self-consistency, quality check and speed: the measurements behind docs/registration.md.
 
     python benchmarks/registration.py [--cases 20] [--tradeoff-cases 5] [--skip-tradeoff] [--skip-baseline]
+                                      [--picture-only]
 
 Needs ../shared/data/cirs057a (set FUSION_SHARED_DIR otherwise).  Parts:
 
@@ -18,7 +19,8 @@ Needs ../shared/data/cirs057a (set FUSION_SHARED_DIR otherwise).  Parts:
    pairing (TRE), plus ablations of each accuracy measure.
 
 Writes the measured part of docs/registration.md (between the MEASURED
-markers) and all raw numbers to docs/registration.json.
+markers), all raw numbers to docs/registration.json, and the CIRS check sheet
+to docs/registration-cirs.png.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import registration_cases as rc  # noqa: E402
 from fusion.registration import RegistrationParams, register_rigid  # noqa: E402
-from fusion.registration_quality import assess_registration  # noqa: E402
+from fusion.registration_quality import assess_registration, check_sheet  # noqa: E402
 
 SHARED = Path(os.environ.get("FUSION_SHARED_DIR", REPO.parent / "shared"))
 CIRS = SHARED / "data" / "cirs057a"
 DOC = REPO / "docs" / "registration.md"
 RAW = REPO / "docs" / "registration.json"
+PICTURE = REPO / "docs" / "registration-cirs.png"
 BEGIN, END = "<!-- BEGIN MEASURED (benchmarks/registration.py) -->", "<!-- END MEASURED -->"
 
 #: the defaults before issue 4 ("plain SimpleITK Mattes MI", DESIGN's measured starting point)
@@ -112,6 +115,14 @@ def accuracy(source, base, n: int, baseline: bool) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def write_picture(ct, mr, result) -> None:
+    """The CIRS check sheet (what the node saves per job under <root>/qc) for docs/registration.md."""
+    title = (f"CIRS 057A: MR onto CT, moved {result.translation_norm_mm:.1f} mm, turned "
+             f"{result.rotation_angle_deg:.1f} deg")
+    check_sheet(ct, mr, result.transform, ("CT", "MR"), title).save(PICTURE)
+    log(f"wrote {PICTURE}")
+
+
 def cirs_pair(ct, mr) -> dict:
     out: dict = {}
     p = RegistrationParams(threads=1)
@@ -122,6 +133,7 @@ def cirs_pair(ct, mr) -> dict:
                      "seconds": a.seconds, "iterations": list(a.iterations_per_level), "quality": q.as_dict()}
     log(f"CIRS MR->CT: |t| {a.translation_norm_mm:.2f} mm, rotation {a.rotation_angle_deg:.2f} deg, {a.seconds:.1f} s; "
         f"quality {q.as_dict()}")
+    write_picture(ct, mr, a)
     rng = np.random.default_rng(5)
     cons = []
     for k in range(3):
@@ -320,7 +332,12 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="rewrite the doc from docs/registration.json")
+    ap.add_argument("--picture-only", action="store_true", help="register the CIRS pair and write only the picture")
     args = ap.parse_args()
+    if args.picture_only:
+        ct, mr = rc.load_cirs(str(CIRS))
+        write_picture(ct, mr, register_rigid(ct, mr, RegistrationParams(threads=1)))
+        return
     if args.render_only:
         write_doc(render(json.loads(RAW.read_text())))
         return

@@ -11,6 +11,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -83,11 +84,34 @@ def _check_registration(job: Any, pipeline: Pipeline, fixed: Any, moving: Any, r
         raise JobError(
             f"registration rejected, nothing was sent: {quality.reason}. Check that the two series show the same "
             "body part of the same patient and that their orientation headers are right; to send such results "
-            f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}",
+            f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}"
+            + (f"; the check sheet is {result['registration_picture']}" if result.get("registration_picture") else ""),
             result=result,
         )
     result["registration_warning"] = quality.warning
     return quality.warning
+
+
+def _registration_picture(job: Any, pipeline: Pipeline, store: Any, base: Any, overlay: Any, reg: Any) -> str | None:
+    """Save the registration check sheet (orthogonal slices, checkerboards before/after) under ``<root>/qc``.
+
+    The picture an operator or radiologist opens when a registration is doubted:
+    a misalignment shows as edges jumping at the checkerboard's tile borders.
+    A failure here costs the picture, never the job.
+    """
+    from fusion.registration_quality import check_sheet
+
+    try:
+        title = (f"{pipeline.name}: {overlay.modality} onto {base.modality}, moved {reg.translation_norm_mm:.1f} mm, "
+                 f"turned {reg.rotation_angle_deg:.1f} deg (job {job.id})")
+        sheet = check_sheet(base.image, overlay.image, reg.transform, (base.modality, overlay.modality), title)
+        path = Path(store.root) / "qc" / f"job-{job.id}-registration.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path)
+        return str(path)
+    except Exception as exc:  # noqa: BLE001 - a picture must never cost a fusion
+        log.warning("pipeline.registration_picture.failed", extra=logs.fields(job_id=job.id, reason=str(exc)))
+        return None
 
 
 def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cache: dict | None = None) -> dict:
@@ -127,6 +151,9 @@ def run_job(job: Any, settings: NodeSettings, store: Any, outbox: Any, model_cac
                           rotation_deg=[round(float(v), 3) for v in reg.rotation_deg],
                           registration_metric=round(float(reg.final_metric), 5),
                           registration_overlap=round(float(reg.overlap), 4))
+            picture = _registration_picture(job, pipeline, store, base, overlay, reg)
+            if picture:
+                result["registration_picture"] = picture
             reg_warning = _check_registration(job, pipeline, base.image, overlay.image, reg, result)
         else:
             transform, matrix = sitk.Euler3DTransform(), np.eye(4)

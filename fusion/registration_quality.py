@@ -429,3 +429,24 @@ __all__ = [
     "mirrored_lr",
     "probes",
 ]
+
+
+def check_sheet(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+                names: tuple[str, str] = ("base", "overlay"), title: str = "", max_pixels: int = 256):
+    """The picture to look at: orthogonal slices of ``fixed``, ``moving`` before and after ``transform``, checkerboards.
+
+    "Before" is the overlay as the scanners placed it (identity in patient
+    coordinates).  Drawn on ``fixed``'s grid binned to at most about
+    ``max_pixels`` across, windowed for display only
+    (:func:`fusion.preview.display_range`).  Returns a ``PIL.Image``.
+    """
+    from fusion.preview import display_range, registration_sheet
+    from fusion.registration import resample_onto
+
+    factor = max(1, -(-max(fixed.GetSize()[:2]) // max_pixels))
+    grid = sitk.BinShrink(fixed, [factor, factor, 1]) if factor > 1 else fixed
+    outside = float(sitk.GetArrayViewFromImage(moving).min())
+    before = resample_onto(moving, grid, sitk.Euler3DTransform(), default_value=outside)
+    after = resample_onto(moving, grid, transform, default_value=outside)
+    views = [display_range(sitk.GetArrayViewFromImage(v)) for v in (grid, before, after)]
+    return registration_sheet(*views, spacing_zyx=grid.GetSpacing()[::-1], names=names, title=title)

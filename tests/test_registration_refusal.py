@@ -93,6 +93,12 @@ def test_unrelated_pair_fails_the_job_and_sends_nothing(tmp_path, unrelated_pair
         assert "on_poor_quality" in job.error
         quality = job.result["registration_quality"]  # the figures stay on the failed job for the operator
         assert quality["ok"] is False and quality["problems"]
+        picture = Path(job.result["registration_picture"])  # and the picture to look at, named in the error
+        assert picture.is_file() and str(picture) in job.error
+        from PIL import Image
+
+        with Image.open(picture) as img:
+            assert img.width > 500 and img.height > 300
         assert sum(sum(states.values()) for states in node.outbox.summary().values()) == 0
         assert node.store.list_series(origin="derived") == []
     finally:
