@@ -210,4 +210,6 @@ def run_node_demo(out: Path, device: str = "auto", sample: str = "synthetic", ti
     print(f"Registration moved the MR by {r.get('translation_mm')} mm, rotation {r.get('rotation_deg')} deg.")
     print(f"Stage times (s): {r.get('seconds')}")
     print(f"Previews: {preview} and {middle}")
+    if r.get("registration_picture"):
+        print(f"Registration check (slices and checkerboards before/after): {r['registration_picture']}")
     return 0
