@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import append_section  # noqa: E402
 from dicom_node.config import parse_config  # noqa: E402
 from dicom_node.demo import LocalDestination, send_series  # noqa: E402
 from dicom_node.samples import shared_dir, write_synthetic_pair  # noqa: E402
@@ -97,12 +98,8 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {secs:.2f} |" for name, secs in stages]
     lines.append(f"| **last image received -> fused series stored at the destination** | **{total:.1f}** |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.out.exists():
-        args.out.write_text("# Node latency, stage by stage\n\nEach section is one run of `benchmarks/node_latency.py` "
-                            "on this repository's CI-sized machine (2 cores, no GPU) unless it says otherwise.\n")
-    with args.out.open("a") as fh:
-        fh.write(text)
+    append_section(args.out, "# Node latency, stage by stage\n\nEach section is one run of `benchmarks/node_latency.py` "
+                             "on this repository's CI-sized machine (2 cores, no GPU) unless it says otherwise.\n", text)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -23,6 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import append_section  # noqa: E402
 from dicom_node.samples import harvard_pairs, load_image, synthetic_pair  # noqa: E402
 from fusion.api import DEFAULT_TRIO  # noqa: E402
 from fusion.backend import array_module, resolve_device, to_device  # noqa: E402
@@ -125,13 +126,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {t:.3f} | {1000 * t / n:.1f} | {n / t:.1f} |")
     lines.append(f"| **DMF total (VGG gradients)** | {total_vgg:.3f} | {1000 * total_vgg / n:.1f} | {n / total_vgg:.2f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.out.exists():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# DMF speed, stage by stage\n\nEach section is one run of `benchmarks/speed.py`; "
-                            "best of N after a warm-up, whole stack per stage.\n")
-    with args.out.open("a") as fh:
-        fh.write(text)
+    append_section(args.out, "# DMF speed, stage by stage\n\nEach section is one run of `benchmarks/speed.py`; "
+                             "best of N after a warm-up, whole stack per stage.\n", text)
     return 0
 
 

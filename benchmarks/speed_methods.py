@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import append_section  # noqa: E402
 from benchmarks.speed import load_stack, timed  # noqa: E402
 from fusion.api import DEFAULT_TRIO, dmf_stack  # noqa: E402
 from fusion.backend import array_module, resolve_device, to_device  # noqa: E402
@@ -56,12 +57,8 @@ def main(argv=None) -> int:
     for m in next(iter(cases.values()))[1]:
         lines.append(f"| {m} | " + " | ".join(f"{row[m]:.3f} ({1000 * row[m] / n:.0f})" for n, row in cases.values()) + " |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.out.exists():
-        args.out.write_text("# Speed per fusion method\n\nEach section is one run of `benchmarks/speed_methods.py`; "
-                            "stage-by-stage DMF figures are in `speed-core.md`.\n")
-    with args.out.open("a") as fh:
-        fh.write(text)
+    append_section(args.out, "# Speed per fusion method\n\nEach section is one run of `benchmarks/speed_methods.py`; "
+                             "stage-by-stage DMF figures are in `speed-core.md`.\n", text)
     return 0
 
 

@@ -66,6 +66,8 @@ def same_scope(pipeline: Pipeline, a: Any, b: Any) -> bool:
 class Pairing:
     def __init__(self, settings: NodeSettings, store: Any, jobs: JobQueue):
         self._settings, self._store, self._jobs = settings, store, jobs
+        #: the pipelines' own Called AE Titles (routing, see module notes); empty = no lookups needed
+        self._pipeline_aes = frozenset(p.ae_title for p in settings.pipelines if p.ae_title)
 
     # -- settling ---------------------------------------------------------------
     def settle_due(self, now: float | None = None) -> list[str]:
@@ -161,10 +163,9 @@ class Pairing:
         return cache[s.series_uid]
 
     def _routed(self, pipeline: Pipeline, s: Any, cache: dict[str, frozenset[str]]) -> bool:
-        pipeline_aes = frozenset(p.ae_title for p in self._settings.pipelines if p.ae_title)
-        if not pipeline_aes:  # no pipeline has its own AE title: nothing to look up
+        if not self._pipeline_aes:  # no pipeline has its own AE title: nothing to look up
             return True
-        return arrived_through(pipeline, self._called_aes(s, cache), pipeline_aes)
+        return arrived_through(pipeline, self._called_aes(s, cache), self._pipeline_aes)
 
     def _make_job(self, pipeline: Pipeline, base: Any, overlay: Any) -> int | None:
         key = input_key(pipeline.name,
