@@ -1,7 +1,7 @@
 """Query/Retrieve SCP: C-FIND, C-GET and C-MOVE on the node's own AE, for received and derived series.
 
 Plugs into the listener through ``StorageServer(extra_handlers=..., configure=...)``
-(see ``scp.py``); :class:`QueryRetrieveService` gives both.  Matching lives in
+(see ``scp.py``); :meth:`QueryRetrieveService.server` builds that listener.  Matching lives in
 ``query.py``; this module is the DIMSE side: statuses, sub-operations,
 transfer syntaxes, C-CANCEL and logs.
 
@@ -60,7 +60,7 @@ from dicom_node import db, tls
 from dicom_node.config import Destination, NodeSettings
 from dicom_node.logs import fields
 from dicom_node.query import FindQuery, IdentifierError, RetrieveItem, matching_keys, retrieve_items
-from dicom_node.scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES
+from dicom_node.scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES, StorageServer
 from dicom_node.store import Store
 
 log = logging.getLogger("dicom_node.qr")
@@ -297,9 +297,9 @@ class QueryRetrieveService:
             # scp_role=True lets a C-GET caller act as Storage SCP on the same association
             ae.add_supported_context(uid, list(STORAGE_TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
 
-    def hooks(self) -> tuple[list[tuple[Any, Callable[..., Any]]], Callable[[AE], None]]:
-        """``(extra_handlers, configure)`` for ``StorageServer(cfg, store, extra_handlers=..., configure=...)``."""
-        return self.handlers(), self.configure
+    def server(self) -> StorageServer:
+        """The node's listener (Verification + Storage) with this Q/R service plugged in, not yet started."""
+        return StorageServer(self.settings, self.store, extra_handlers=self.handlers(), configure=self.configure)
 
     @contextlib.contextmanager
     def _index(self) -> Iterator[sqlite3.Connection]:

@@ -57,10 +57,11 @@ class Node:
         from dicom_node.scp import StorageServer
 
         self.jobs.recover()
-        handlers, configure = ((), None)
         if self.settings.query_retrieve.enabled:
-            handlers, configure = QueryRetrieveService(self.settings, self.store).hooks()
-        self._server = StorageServer.start(self.settings, self.store, extra_handlers=handlers, configure=configure)
+            server = QueryRetrieveService(self.settings, self.store).server()
+        else:
+            server = StorageServer(self.settings, self.store)
+        self._server = server.start()
         self.executor.start()
         self.outbox.start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="settle-sweep", daemon=True)

@@ -42,7 +42,6 @@ from dicom_helpers import UID_PREFIX, make_image
 from dicom_node import qr
 from dicom_node.config import ConfigError, Destination, NodeSettings, parse_config
 from dicom_node.qr import QueryRetrieveService
-from dicom_node.scp import StorageServer
 from dicom_node.store import Store
 
 SCP_AE = "FUSIONNODE"
@@ -184,8 +183,7 @@ def node(tmp_path_factory, destination):
     store = Store(cfg.storage.root, cfg.storage.database_path)
     store.ensure_schema()
     catalog = _fill(store)
-    handlers, configure = QueryRetrieveService(cfg, store).hooks()
-    server = StorageServer(cfg, store, extra_handlers=handlers, configure=configure).start()
+    server = QueryRetrieveService(cfg, store).server().start()
     server.catalog = catalog
     yield server
     server.stop()
@@ -750,8 +748,7 @@ def test_move_to_a_tls_destination(node, tmp_path):
                     tls=DestinationTLS(ca_certificates=ca)),
         Destination(name="untrusted", ae_title="UNTRUSTED", host="127.0.0.1", port=port,
                     tls=DestinationTLS(ca_certificates=other_ca))]})
-    handlers, configure = QueryRetrieveService(cfg, node.store).hooks()
-    server = StorageServer(cfg, node.store, extra_handlers=handlers, configure=configure).start()
+    server = QueryRetrieveService(cfg, node.store).server().start()
     try:
         cat = node.catalog
         study = query(QueryRetrieveLevel="STUDY", StudyInstanceUID=cat.studies["B"])

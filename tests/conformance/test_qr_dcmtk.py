@@ -22,7 +22,6 @@ from pynetdicom.dsutils import split_dataset
 from dicom_helpers import UID_PREFIX, dcmtk, free_port, make_image, run_tool, write
 from dicom_node.config import parse_config
 from dicom_node.qr import QueryRetrieveService
-from dicom_node.scp import StorageServer
 from dicom_node.store import Store
 
 SCP_AE = "FUSIONNODE"
@@ -61,8 +60,7 @@ def node(tmp_path_factory, storescp):
         "destinations": [{"name": "dcmtk", "ae_title": DEST_AE, "host": "127.0.0.1", "port": storescp.port}],
     })
     store = Store(cfg.storage.root, cfg.storage.database_path)
-    handlers, configure = QueryRetrieveService(cfg, store).hooks()
-    server = StorageServer(cfg, store, extra_handlers=handlers, configure=configure).start()
+    server = QueryRetrieveService(cfg, store).server().start()
 
     studies = {k: generate_uid(UID_PREFIX) for k in "ABC"}
     series = {k: generate_uid(UID_PREFIX) for k in ("A-CT", "A-MR", "A-FUSED", "B-CT", "C-MR")}
