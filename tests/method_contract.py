@@ -14,6 +14,17 @@ import numpy as np
 Method = Callable[..., np.ndarray]
 
 
+def contract_stack(rng: np.random.Generator, rows: int = 40, cols: int = 56) -> tuple[np.ndarray, np.ndarray]:
+    """Three slices: smooth structure + noise, pure noise, and an all-black slice (the black one must stay black)."""
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    smooth = 0.5 + 0.4 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+    a = np.stack([np.clip(smooth + 0.05 * rng.standard_normal(smooth.shape), 0, 1),
+                  rng.random(smooth.shape), np.zeros_like(smooth)])
+    b = np.stack([np.clip(1 - smooth + 0.05 * rng.standard_normal(smooth.shape), 0, 1),
+                  rng.random(smooth.shape), np.zeros_like(smooth)])
+    return a, b
+
+
 def check_stack_equals_slices(fn: Method, a: np.ndarray, b: np.ndarray, quantize: bool) -> None:
     """A whole stack gives exactly what its slices give one by one."""
     whole = fn(a, b, quantize=quantize)
