@@ -24,6 +24,17 @@ def finish(fused255: Any, *, quantize: bool) -> Any:
     return xp.clip(y, 0, 255) / 255.0
 
 
+def _float_pair(a: Any, b: Any) -> tuple[Any, Any, Any, Any]:
+    """``(xp, a, b, dtype)``: both as arrays of one module, and their common dtype, which must be float."""
+    xp = array_module(a)
+    a = xp.asarray(a)
+    b = xp.asarray(b)
+    dtype = xp.result_type(a, b)
+    if dtype.kind != "f":
+        raise TypeError(f"fusion methods take float images on the 0..1 scale, got {dtype}")
+    return xp, a, b, dtype
+
+
 def prepare_pair(a: Any, b: Any) -> tuple[Any, Any, Any]:
     """Validate two 0..1 float images/stacks and return ``(xp, a255, b255)`` on the 0..255 scale.
 
@@ -32,12 +43,7 @@ def prepare_pair(a: Any, b: Any) -> tuple[Any, Any, Any]:
     broadcast against ``a`` (VIFB fuses a grayscale IR image with every channel of an RGB
     visible image); the common dtype of the inputs is kept.
     """
-    xp = array_module(a)
-    a = xp.asarray(a)
-    b = xp.asarray(b)
-    dtype = xp.result_type(a, b)
-    if dtype.kind != "f":
-        raise TypeError(f"fusion methods take float images on the 0..1 scale, got {dtype}")
+    xp, a, b, dtype = _float_pair(a, b)
     a, b = xp.broadcast_arrays(a, b)
     if a.ndim not in (2, 3):
         raise ValueError(f"expected an image (H, W) or a stack (S, H, W), got shape {a.shape}")
@@ -263,12 +269,7 @@ def check_pair_unit(a: Any, b: Any) -> tuple[Any, Any, Any]:
     "IR" image shared by a whole stack can then be decomposed once.  Both are cast to
     their common float dtype.
     """
-    xp = array_module(a)
-    a = xp.asarray(a)
-    b = xp.asarray(b)
-    dtype = xp.result_type(a, b)
-    if dtype.kind != "f":
-        raise TypeError(f"fusion methods take float images on the 0..1 scale, got {dtype}")
+    xp, a, b, dtype = _float_pair(a, b)
     import numpy as np  # shape arithmetic only (CuPy arrays have the same shapes)
 
     try:
