@@ -249,7 +249,7 @@ def resample_spacing(img: sitk.Image, spacing, anti_alias: bool = True) -> sitk.
                          [float(v) for v in new], img.GetDirection(), low, sitk.sitkFloat32)
 
 
-def _bin_to(img: sitk.Image, spacing_mm: float) -> sitk.Image:
+def bin_to(img: sitk.Image, spacing_mm: float) -> sitk.Image:
     """``img`` averaged over blocks of whole voxels so each axis gets as close to ``spacing_mm`` as it can.
 
     Box averaging is anti-aliasing enough here (every pyramid level smooths again)
@@ -271,7 +271,7 @@ def prepare_pair(fixed: sitk.Image, moving: sitk.Image, p: RegistrationParams) -
     if p.clip_percentiles is not None:
         f, m = robust_clip(f, p.clip_percentiles), robust_clip(m, p.clip_percentiles)
     if p.working_spacing_mm:
-        f, m = _bin_to(f, p.working_spacing_mm), _bin_to(m, p.working_spacing_mm)
+        f, m = bin_to(f, p.working_spacing_mm), bin_to(m, p.working_spacing_mm)
     if p.isotropic_moving:
         sp = np.array(m.GetSpacing())
         if sp.max() > sp.min() * 1.05:
@@ -300,7 +300,8 @@ def euler_from_matrix(matrix: np.ndarray, centre) -> sitk.Euler3DTransform:
     return t
 
 
-def _centre(img: sitk.Image) -> np.ndarray:
+def volume_centre(img: sitk.Image) -> np.ndarray:
+    """The physical (LPS mm) centre of the volume's voxel grid: the rotation centre of the transforms here."""
     return np.array(img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in img.GetSize()]))
 
 
@@ -356,7 +357,7 @@ def register_rigid(
     if initial is None:
         initial = sitk.CenteredTransformInitializer(f_in, m_in, sitk.Euler3DTransform(), mode)
     else:
-        initial = euler_from_matrix(initial, _centre(f_in))
+        initial = euler_from_matrix(initial, volume_centre(f_in))
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=p.histogram_bins)

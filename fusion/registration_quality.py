@@ -54,8 +54,10 @@ from fusion.registration import (
     RegistrationError,
     RegistrationParams,
     RegistrationResult,
+    bin_to,
     foreground_mask,
     register_rigid,
+    volume_centre,
 )
 
 #: voxel size (mm) of the shrunk copies the figures are computed on
@@ -178,9 +180,7 @@ class RegistrationQuality:
 
 def coarse_copy(img: sitk.Image, mm: float = COARSE_MM) -> sitk.Image:
     """``img`` averaged down by integer factors to voxels of about ``mm`` (at least its own size), float32."""
-    f = img if img.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, sitk.sitkFloat32)
-    factors = [max(1, int(round(mm / s))) for s in f.GetSpacing()]
-    return sitk.BinShrink(f, factors) if max(factors) > 1 else f
+    return bin_to(img if img.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, sitk.sitkFloat32), mm)
 
 
 def _edges(values: np.ndarray, bins: int) -> tuple[float, float]:
@@ -303,10 +303,6 @@ def probes(matrix: np.ndarray, centre: np.ndarray, mm: float, deg: float) -> lis
     return out
 
 
-def _centre(img: sitk.Image) -> np.ndarray:
-    return np.array(img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in img.GetSize()]))
-
-
 def _diagonal(img: sitk.Image) -> float:
     return float(np.linalg.norm(np.array(img.GetSpacing()) * (np.array(img.GetSize()) - 1)))
 
@@ -348,7 +344,7 @@ def assess_registration(
     th = thresholds or QualityThresholds()
     t0 = time.perf_counter()
     probe = SimilarityProbe(fixed, moving)
-    c = _centre(fixed)
+    c = volume_centre(fixed)
     final = _affine(result.matrix)
     sim, support = probe.figures(final)
     around = [probe.similarity(_affine(m)) for m in probes(result.matrix, c, th.probe_mm, th.probe_deg)]

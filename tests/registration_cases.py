@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from fusion.registration import volume_centre as centre
+
 #: base (fixed) voxel size for the accuracy cases: the CIRS CT (0.66 x 0.66 x 1.25 mm) anti-aliased to this
 BASE_SPACING_MM = (2.0, 2.0, 2.5)
 #: the bar of the issue (mm) over the corners and centre of the base volume
@@ -88,10 +90,6 @@ def tre_mm(estimated: np.ndarray, truth: np.ndarray, img: sitk.Image) -> np.ndar
     """|estimated(p) - truth(p)| at the corners and centre of ``img`` (9 values, mm)."""
     h = np.c_[corners_and_centre(img), np.ones(9)]
     return np.linalg.norm(h @ estimated.T - h @ truth.T, axis=1)
-
-
-def centre(img: sitk.Image) -> np.ndarray:
-    return np.array(img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in img.GetSize()]))
 
 
 def resample_to_spacing(img: sitk.Image, spacing: tuple[float, float, float], direction: np.ndarray | None = None,

@@ -298,7 +298,7 @@ def test_initial_matrix_is_used_and_reported(fixed, mr_like):
 
 
 def test_helpers_keep_geometry():
-    from fusion.registration import euler_from_matrix, resample_spacing, robust_clip
+    from fusion.registration import euler_from_matrix, resample_spacing, robust_clip, volume_centre
 
     t = sitk.Euler3DTransform((10.0, -5.0, 3.0), 0.1, -0.2, 0.05, (4.0, 5.0, -6.0))
     m = transform_matrix(t)
@@ -307,8 +307,7 @@ def test_helpers_keep_geometry():
     d = transform_matrix(sitk.Euler3DTransform((0, 0, 0), 0.3, 0.2, -0.4, (0, 0, 0)))[:3, :3]
     img.SetDirection(tuple(d.ravel()))
     out = resample_spacing(img, (2.0, 2.0, 2.0))
-    centre = lambda im: np.array(im.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in im.GetSize()]))  # noqa: E731
-    np.testing.assert_allclose(centre(out), centre(img), atol=1e-6)
+    np.testing.assert_allclose(volume_centre(out), volume_centre(img), atol=1e-6)
     assert out.GetDirection() == pytest.approx(img.GetDirection())
     assert out.GetSpacing() == pytest.approx((2.0, 2.0, 2.0))
     # CT-like padding at the minimum is ignored by the clip; a few hot voxels are clipped
