@@ -13,33 +13,42 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dicom_node import logs
-from dicom_node.samples import harvard_pairs, load_image, synthetic_pair
+from fusion_demo.samples import harvard_pairs, load_image, synthetic_pair
 
-log = logging.getLogger("dicom_node.demo")
+if TYPE_CHECKING:
+    from pynetdicom import evt
+
+    from fusion.features import VGG16Features
+    from fusion.gradients import FeatureSource
+
+log = logging.getLogger("fusion_demo.demo")
 
 
-def _prepare_model(device: str):
+def _prepare_model(device: str) -> tuple[VGG16Features | None, FeatureSource]:
+    from dicom_node.provision import fetch_vgg16
     from fusion.backend import resolve_device
     from fusion.features import load_vgg16
-    from fusion.weights import WeightsUnavailableError, vgg16_weights_path
+    from fusion.weights import WeightsUnavailableError
 
     try:
         print("VGG16 weights: checking the cache (first run fetches them, ~64 MB) ...", flush=True)
-        vgg16_weights_path(allow_download=True)
+        fetch_vgg16()
         return load_vgg16(device=resolve_device(device)), "vgg"
     except WeightsUnavailableError as exc:
         print(f"WARNING: VGG16 weights unavailable, this demo uses image gradients instead.\n  {exc}", flush=True)
         return None, "image"
 
 
-def _pairs(max_pairs: int):
+def _pairs(max_pairs: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     pairs = []
     for subset in ("MRI_CT", "MRI_PET", "MRI_SPECT"):
         for p in harvard_pairs(subset=subset)[:max_pairs]:
+            assert p.mri is not None and p.other is not None  # harvard_pairs lists only pairs with both files
             pairs.append((f"{p.subset}_{p.name}", load_image(p.mri), load_image(p.other)))
     if not pairs:
         mr, ct = synthetic_pair()
@@ -48,11 +57,12 @@ def _pairs(max_pairs: int):
 
 
 def run_pair_demo(out: Path, device: str = "auto", max_pairs: int = 2) -> int:
+    from PIL import Image
+
     from fusion.api import DEFAULT_TRIO, dmf_stack, merge_colour, split_colour
     from fusion.backend import resolve_device, to_device, to_numpy
     from fusion.intensity import to_uint8, to_unit
     from fusion.preview import montage
-    from PIL import Image
 
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,19 +98,20 @@ class LocalDestination:
     """A Storage SCP standing in for the PACS: writes what it receives into a folder."""
 
     def __init__(self, folder: Path, ae_title: str = "DEMOPACS"):
+        from pydicom.uid import SecondaryCaptureImageStorage, SpatialRegistrationStorage
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import SecondaryCaptureImageStorage, SpatialRegistrationStorage
 
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=ae_title)
         for cls in (SecondaryCaptureImageStorage, SpatialRegistrationStorage):
             ae.add_supported_context(cls)
-        self._server = ae.start_server(("127.0.0.1", 0), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        assert server is not None  # non-blocking: start_server returns the running server
+        self._server = server
         self.ae_title, self.port = ae_title, self._server.server_address[1]
 
-    def _on_store(self, event) -> int:
+    def _on_store(self, event: evt.Event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
         ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
@@ -137,12 +148,12 @@ def run_node_demo(out: Path, device: str = "auto", sample: str = "synthetic", ti
     import tempfile
 
     import pydicom
+    from PIL import Image
 
     from dicom_node.config import parse_config
-    from dicom_node.samples import shared_dir, write_synthetic_pair
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
     from fusion.preview import montage
-    from PIL import Image
+    from fusion_demo.samples import shared_dir, write_synthetic_pair
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)

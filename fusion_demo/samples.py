@@ -7,9 +7,15 @@ the first command a new user runs never depends on outside data.
 
 from __future__ import annotations
 
-import os
+from fusion import environment
+from fusion.imageio import read_image as load_image
+
+__all__ = ["HARVARD_SUBSETS", "SamplePair", "harvard_pairs", "load_image", "shared_dir", "synthetic_pair",
+           "write_synthetic_pair"]
+
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,11 +23,8 @@ HARVARD_SUBSETS = {"MRI_CT": "CT", "MRI_PET": "PET", "MRI_SPECT": "SPECT"}
 
 
 def shared_dir() -> Path:
-    """``$FUSION_SHARED_DIR``, else the ``shared`` folder beside the repository."""
-    env = os.environ.get("FUSION_SHARED_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared"
+    """``$FUSION_SHARED_DIR``, else the ``shared`` folder beside the repository (``fusion.environment``)."""
+    return environment.shared_dir()
 
 
 @dataclass(frozen=True)
@@ -47,23 +50,6 @@ def harvard_pairs(root: Path | None = None, subset: str | None = None) -> list[S
             if partner.exists():
                 pairs.append(SamplePair(f.stem, sub, f, partner))
     return pairs
-
-
-def load_image(path: Path) -> np.ndarray:
-    """PNG/JPEG as uint8 (grey ``(H, W)`` or RGB ``(H, W, 3)``), or a ``.npy`` array."""
-    if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False)
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-            arr = np.asarray(im.convert("RGB"))
-            if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
-                return arr[..., 0].copy()  # grey stored as RGB
-            return arr
-        if im.mode in ("I;16", "I;16B", "I"):
-            return np.asarray(im)
-        return np.asarray(im.convert("L"))
 
 
 def synthetic_pair(size: int = 256, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +86,7 @@ def synthetic_pair(size: int = 256, seed: int = 7) -> tuple[np.ndarray, np.ndarr
     ct[lesion] = 0.42
     ct[ellipse(-0.4, -0.5, 0.05, 0.05)] = 1.0  # calcification
     ct += rng.normal(0, 0.01, ct.shape) * brain
-    to8 = lambda im: np.clip(np.round(im * 255), 0, 255).astype(np.uint8)  # noqa: E731
+    to8 = lambda im: np.clip(np.round(im * 255), 0, 255).astype(np.uint8)
     return to8(mr), to8(ct)
 
 
@@ -135,7 +121,8 @@ def _phantom_labels(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     return lab
 
 
-def write_synthetic_pair(out_dir: Path, *, offset_mm=(14.0, -9.0, 6.0), rotation_deg: float = 4.0,
+def write_synthetic_pair(out_dir: Path, *, offset_mm: tuple[float, float, float] = (14.0, -9.0, 6.0),
+                         rotation_deg: float = 4.0,
                          seed: int = 11) -> tuple[Path, Path]:
     """Write a CT-like and an MR-like DICOM series of one phantom into ``out_dir/CT`` and ``out_dir/MR``.
 
@@ -146,7 +133,7 @@ def write_synthetic_pair(out_dir: Path, *, offset_mm=(14.0, -9.0, 6.0), rotation
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
     rng = np.random.default_rng(seed)
     study_uid, names = generate_uid(), list(_TISSUES)
@@ -154,7 +141,8 @@ def write_synthetic_pair(out_dir: Path, *, offset_mm=(14.0, -9.0, 6.0), rotation
               "PatientSex": "O", "StudyInstanceUID": study_uid, "StudyDate": "20261122", "StudyTime": "101500",
               "StudyID": "1", "AccessionNumber": "SYN1", "ReferringPhysicianName": "", "StudyDescription": "Head phantom"}
 
-    def write(kind: str, shape, spacing, slice_gap, values, rot_deg, shift, sop_class, extra):
+    def write(kind: str, shape: tuple[int, int, int], spacing: float, slice_gap: float, values: np.ndarray,
+              rot_deg: float, shift: tuple[float, float, float], sop_class: UID, extra: dict[str, Any]) -> Path:
         # the grid is axis-aligned and centred on 0; the *phantom* is moved by (rot_deg, shift), as a
         # head that moved between the two scans
 
@@ -215,8 +203,8 @@ def write_synthetic_pair(out_dir: Path, *, offset_mm=(14.0, -9.0, 6.0), rotation
 
     ct_values = np.array([_TISSUES[n][0] for n in names], dtype=np.float64)
     mr_values = np.array([_TISSUES[n][1] for n in names], dtype=np.float64)
-    ct = write("CT", (160, 160, 40), 1.25, 3.0, ct_values, 0.0, (0.0, 0.0, 0.0), "1.2.840.10008.5.1.4.1.1.2",
+    ct = write("CT", (160, 160, 40), 1.25, 3.0, ct_values, 0.0, (0.0, 0.0, 0.0), CTImageStorage,
                {"noise": 6.0, "series_number": 2, "description": "HEAD 3mm", "time": "101600"})
-    mr = write("MR", (128, 128, 44), 1.6, 2.5, mr_values, rotation_deg, offset_mm, "1.2.840.10008.5.1.4.1.1.4",
+    mr = write("MR", (128, 128, 44), 1.6, 2.5, mr_values, rotation_deg, offset_mm, MRImageStorage,
                {"noise": 15.0, "series_number": 5, "description": "T2 AX", "time": "103000"})
     return ct, mr

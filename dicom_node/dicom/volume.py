@@ -48,6 +48,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from dicom_node.errors import NodeError
 from fusion.intensity import suv_bw_factor
 
 #: Largest angle between the slice-position line and the slice normal accepted (degrees).
@@ -63,7 +64,7 @@ ORIENTATION_TOL = 1e-4
 PIXEL_SPACING_RTOL = 1e-4
 
 
-class GeometryError(ValueError):
+class GeometryError(NodeError, ValueError):
     """The files do not form one regular volume; the message says what and what to do."""
 
 
@@ -93,11 +94,11 @@ class Volume:
     @property
     def size(self) -> tuple[int, int, int]:
         """(columns, rows, slices) — SimpleITK's (x, y, z) order."""
-        return tuple(self.image.GetSize())  # type: ignore[return-value]
+        return tuple(self.image.GetSize())
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(self.image.GetSpacing())  # type: ignore[return-value]
+        return tuple(self.image.GetSpacing())
 
     def array(self) -> np.ndarray:
         """The voxels as a ``(slices, rows, columns)`` float32 array (a copy)."""
@@ -139,17 +140,17 @@ class _Slice:
 
 def load_series(paths: Sequence[Path | str]) -> Volume:
     """Read the DICOM files of one series into a :class:`Volume` (see the module notes)."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise GeometryError("no files given: a volume needs at least 2 slices of one series")
-    headers = []
-    for p in paths:
+    headers: list[Dataset] = []
+    for p in files:
         try:
             headers.append(pydicom.dcmread(p, stop_before_pixels=True))
         except Exception as exc:  # InvalidDicomError, OSError: name the file
             raise GeometryError(f"{p}: not a readable DICOM file ({exc})") from exc
-    _check_one_series(paths, headers)
-    slices = _slices(paths, headers)
+    _check_one_series(files, headers)
+    slices = _slices(files, headers)
     if len(slices) < 2:
         raise GeometryError(
             f"the series has {len(slices)} slice(s); a volume needs at least 2 "
@@ -162,7 +163,9 @@ def load_series(paths: Sequence[Path | str]) -> Volume:
     modality = str(first.get("Modality", "OT")).upper()
     stack = _read_pixels(slices)
 
-    units, notes, factor = ("raw", (), None)
+    units = "raw"
+    notes: tuple[str, ...] = ()
+    factor: float | None = None
     if modality == "CT":
         units = "HU"
     elif modality == "PT":
@@ -189,7 +192,8 @@ def load_series(paths: Sequence[Path | str]) -> Volume:
         study_uid=str(first.get("StudyInstanceUID", "")),
         units=units,
         paths=tuple(s.path for s in slices),
-        frames=tuple(int(s.frame) for s in slices) if multi else (),  # type: ignore[arg-type]
+        # multi: every slice is a frame of the one enhanced object (_frames_of), so none is skipped
+        frames=tuple(s.frame for s in slices if s.frame is not None) if multi else (),
         notes=notes,
         suv_factor=factor,
     )
@@ -283,7 +287,7 @@ def _make_slice(path: Path, header: Dataset, frame: int | None, where: str, pos:
         iop=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
         rows=int(header.Rows),
         columns=int(header.Columns),
-        pixel_spacing=tuple(_floats(meas.PixelSpacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
+        pixel_spacing=tuple(_floats(meas.PixelSpacing, 2, "PixelSpacing", where)),
         slope=float(rescale.get("RescaleSlope", 1.0) or 1.0),
         intercept=float(rescale.get("RescaleIntercept", 0.0) or 0.0),
         extra=extra or {},
@@ -504,7 +508,7 @@ def _suv_factor(slices: list[_Slice]) -> tuple[float | None, str]:
     # reference time of the decay correction: series start; when the series time is
     # later than the first acquisition (some vendors rewrite it), the first acquisition (QIBA)
     start = _dt_of(ds.get("SeriesDate"), ds.get("SeriesTime"))
-    acq = [s.extra.get("acquisition") for s in slices if s.extra.get("acquisition") is not None]
+    acq: list[float] = [s.extra["acquisition"] for s in slices if s.extra.get("acquisition") is not None]
     if start is not None and acq:
         first_acq = start.replace(hour=0, minute=0, second=0, microsecond=0) + _dt.timedelta(seconds=min(acq))
         if first_acq < start:

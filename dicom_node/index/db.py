@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def connect(path: Path) -> sqlite3.Connection:

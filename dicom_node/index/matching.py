@@ -42,19 +42,18 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, Literal
 
-from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pynetdicom.dsutils import decode, encode
+
+from dicom_node.dicom import charset
+from dicom_node.errors import NodeError
 
 Model = Literal["PATIENT", "STUDY"]
 
@@ -80,10 +79,9 @@ _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _OWN_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
 #: every instance the index lists is on the node's own disk (PS3.4 C.4.1.1.3.2)
 INSTANCE_AVAILABILITY = "ONLINE"
-_DEFAULT_REPERTOIRE = {"", "ISO_IR 6", "ISO 2022 IR 6"}
 
 
-class IdentifierError(ValueError):
+class IdentifierError(NodeError, ValueError):
     """The identifier does not fit the information model; the caller answers 0xA900 with this text.
 
     The message names the key and what a valid request carries, because it
@@ -384,88 +382,9 @@ def _pn_matcher():
 # -- character sets ------------------------------------------------------------------
 
 
-def _charset_terms(value: Any) -> list[str] | None:
-    """Specific Character Set as a list of terms, None when absent (default repertoire)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        terms = value.split("\\")
-    else:
-        terms = [str(v) for v in value]
-    terms = [t.strip() for t in terms]
-    if all(t in _DEFAULT_REPERTOIRE for t in terms):
-        return None
-    return terms
-
-
-def _codecs(terms: list[str] | None) -> list[str] | None:
-    """Python codecs of a character set, the default repertoire as strict ASCII; None when not supported."""
-    if terms is None:
-        return ["ascii"]
-    codecs = []
-    for t in terms:
-        if t in _DEFAULT_REPERTOIRE:
-            codecs.append("ascii")
-        elif t in python_encoding:
-            codecs.append(python_encoding[t])
-        else:
-            return None
-    return codecs
-
-
-def _encodable(text: str, codecs: list[str]) -> bool:
-    for ch in text:
-        for codec in codecs:
-            try:
-                ch.encode(codec)
-                break
-            except (UnicodeEncodeError, LookupError):
-                continue
-        else:
-            return False
-    return True
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
-def _round_trips(texts: dict[str, str], terms: list[str] | None) -> bool:
-    """Encode the text elements in ``terms`` and read them back: only an exact result counts."""
-    ds = Dataset()
-    if terms is not None:
-        ds.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
-    for keyword, text in texts.items():
-        setattr(ds, keyword, text)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns (quoting values) instead of failing
-        raw = encode(ds, True, True)
-        if raw is None:
-            return False
-        back = decode(BytesIO(raw), True, True)
-        try:
-            return all(_as_text(back[k].value) == v for k, v in texts.items())
-        except Exception:  # noqa: BLE001 - undecodable means unusable
-            return False
-
-
 def choose_charset(texts: dict[str, str], requested: Any, stored: Any) -> list[str] | None:
     """The character set to answer in (see the module docstring), as terms; None = default repertoire."""
-    candidates = [_charset_terms(requested), _charset_terms(stored), ["ISO_IR 192"]]
-    non_ascii = {k: v for k, v in texts.items() if v and not v.isascii()}
-    for terms in candidates:
-        if not non_ascii:
-            if _codecs(terms) is not None:
-                return terms
-            continue
-        codecs = _codecs(terms)
-        if codecs is None:
-            continue
-        if all(_encodable(v, codecs) for v in non_ascii.values()) and _round_trips(non_ascii, terms):
-            return terms
-    return ["ISO_IR 192"]
+    return charset.terms(charset.choose(texts, [requested, stored]))
 
 
 # -- C-FIND --------------------------------------------------------------------------
@@ -487,7 +406,7 @@ class FindQuery:
     availability: bool = False
 
     @classmethod
-    def parse(cls, identifier: Dataset, model: str) -> "FindQuery":
+    def parse(cls, identifier: Dataset, model: str) -> FindQuery:
         """Check the identifier against the model; raises :class:`IdentifierError`."""
         level = _level(identifier, model)
         upper = _upper_keys(identifier, model, level)
@@ -507,7 +426,9 @@ class FindQuery:
                     matching[keyword] = values
         unique = UNIQUE_KEYS[level]
         if unique not in {r[1] for r in returned}:
-            returned.append((int(tag_for_keyword(unique)), unique, dictionary_VR(unique)))
+            unique_tag = tag_for_keyword(unique)
+            assert unique_tag is not None  # UNIQUE_KEYS are all data dictionary keywords
+            returned.append((int(unique_tag), unique, dictionary_VR(unique)))
         query = cls(model, level, matching, tuple(returned), identifier.get("SpecificCharacterSet"),
                     "InstanceAvailability" in identifier)
         query._sql()  # every key value is checked here, before anything is answered
@@ -535,7 +456,7 @@ class FindQuery:
         conn.create_function(_PN_FUNCTION, 2, _pn_matcher(), deterministic=True)
         sql, params = self._sql()
         cur = conn.execute(sql, params)
-        cur.row_factory = sqlite3.Row  # type: ignore[assignment]
+        cur.row_factory = sqlite3.Row
         return cur.fetchall()
 
     def response(self, row: sqlite3.Row, retrieve_ae_title: str | None) -> Dataset:

@@ -1,6 +1,6 @@
 """Durable instance store: Part-10 files on disk plus a SQLite index of patient/study/series/instance.
 
-The durability rule of the node (DESIGN.md) lives here: an instance counts as
+The durability rule of the node (docs/architecture.md) lives here: an instance counts as
 stored only once its file is fsynced, renamed into place, its directory entry
 fsynced, and its index row committed.  The SCP answers Success only after
 :meth:`Store.store_received` returns, so a power cut can never lose an
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sqlite3
 import threading
 import uuid
@@ -32,19 +31,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node import db
+from dicom_node.dicom.uids import InvalidInstanceError, check_uid
+from dicom_node.errors import NodeError
+from dicom_node.index import db
 from dicom_node.logs import fields
+from dicom_node.states import SeriesState, check_in
 
-log = logging.getLogger("dicom_node.store")
+log = logging.getLogger("dicom_node.index.store")
 
-#: a UID is digits and dots, at most 64 characters; anything else must never reach a file path
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-#: the state a series returns to when a new instance arrives after it was settled/failed/...
-STATE_OPEN = "open"
 REOPEN_REASON = "new instance after settle"
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
     patient_id TEXT,
@@ -73,7 +70,7 @@ CREATE TABLE IF NOT EXISTS series (
     instance_count INTEGER NOT NULL DEFAULT 0,
     first_received REAL,
     last_received REAL,
-    state TEXT NOT NULL DEFAULT 'open',
+    state TEXT NOT NULL DEFAULT 'open' {check_in('state', SeriesState)},
     state_reason TEXT,
     state_changed REAL,
     origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'derived'))
@@ -106,15 +103,11 @@ _ADDED_COLUMNS = (
 )
 
 
-class StoreError(Exception):
+class StoreError(NodeError):
     """The disk or the index failed; the instance is not stored and the sender should retry.
 
     The SCP answers 0xA700 (Out of Resources) for it.
     """
-
-
-class InvalidInstanceError(ValueError):
-    """The file is not a storable instance (unreadable header, missing or malformed UIDs)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +117,7 @@ class StoreResult:
     study_uid: str
     path: Path
     duplicate: bool = False
+    sop_class_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,16 +212,6 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
-
-
-def check_uid(value: Any, keyword: str) -> str:
-    """The UID as str, or InvalidInstanceError: UIDs become path components, so they must be plain."""
-    text = str(value).strip() if value is not None else ""
-    if not text:
-        raise InvalidInstanceError(f"{keyword} is missing")
-    if len(text) > 64 or not _UID.match(text):
-        raise InvalidInstanceError(f"{keyword} is not a valid UID (digits and dots, at most 64 characters)")
-    return text
 
 
 def _fsync_dir(path: Path) -> None:
@@ -369,7 +353,7 @@ class Store:
         # Fast path: a re-send of a stored instance needs no write lock at all.
         try:
             if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
-                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final)
+                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
         except sqlite3.Error as exc:
             raise StoreError(f"index lookup failed: {exc}; check the database {self.db_path}") from exc
 
@@ -403,12 +387,13 @@ class Store:
                     pass
             raise StoreError(f"storing instance {sop_uid} failed: {exc}; check free space and the database {self.db_path}") from exc
         if duplicate:
-            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final)
+            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
         log.debug("store.instance.stored", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid,
                                                           size_bytes=size, origin=origin))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class)
 
-    def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path) -> StoreResult:
+    def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path,
+                           sop_class: str) -> StoreResult:
         try:
             tmp_path.unlink()
         except FileNotFoundError:
@@ -416,7 +401,7 @@ class Store:
         except OSError as exc:  # a leftover temp file is untidy, not a failure to store
             log.warning("store.tmp.unlink_failed", extra=fields(path=str(tmp_path), error=str(exc)))
         log.debug("store.instance.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class)
 
     def _index(self, conn: sqlite3.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
                sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,
@@ -454,7 +439,7 @@ class Store:
                  _int(ds, "ImagesInAcquisition"), now, now, now, origin),
             )
         else:
-            reopen = row["state"] != STATE_OPEN
+            reopen = row["state"] != SeriesState.OPEN
             conn.execute(
                 "UPDATE series SET instance_count = instance_count + 1, last_received = ?,"
                 " announced_count = COALESCE(announced_count, ?),"
@@ -586,8 +571,8 @@ class Store:
                     raise KeyError(uid)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot update series state: {exc}; check the database {self.db_path}") from exc
-        if changed:
-            log.info("store.series.state", extra=fields(series_uid=uid, state=state, reason=reason))
+        if changed:  # the decision itself is logged once by whoever made it (pairing.*, settle)
+            log.debug("store.series.state", extra=fields(series_uid=uid, state=state, reason=reason))
         return bool(changed)
 
     def counts(self) -> StoreCounts:

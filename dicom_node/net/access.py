@@ -141,7 +141,7 @@ class AccessPolicy:
                     p.name, frozenset(c.strip() for c in p.allowed_callers), _networks(p.allowed_addresses))
 
     @classmethod
-    def from_settings(cls, settings: NodeSettings) -> "AccessPolicy":
+    def from_settings(cls, settings: NodeSettings) -> AccessPolicy:
         return cls(settings.node, settings.pipelines)
 
     @property

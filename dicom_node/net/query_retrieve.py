@@ -1,8 +1,7 @@
 """Query/Retrieve SCP: C-FIND, C-GET and C-MOVE on the node's own AE, for received and derived series.
 
-Plugs into the listener through ``StorageServer(extra_handlers=..., configure=...)``
-(see ``scp.py``); :meth:`QueryRetrieveService.server` builds that listener.  Matching lives in
-``query.py``; this module is the DIMSE side: statuses, sub-operations,
+A service of the listener (:func:`dicom_node.net.listener.node_listener` plugs it in).
+Matching lives in ``dicom_node.index.matching``; this module is the DIMSE side: statuses, sub-operations,
 transfer syntaxes, C-CANCEL and logs.
 
 Sub-operations send the stored Part-10 files.  Each goes out in its stored
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import sqlite3
 import time
 from collections import Counter
@@ -45,25 +43,34 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
 from pynetdicom.status import code_to_category
 
-from dicom_node import db, tls
-from dicom_node.config import Destination, NodeSettings
+from dicom_node.config import DicomDestination, NodeSettings
+from dicom_node.index import db
+from dicom_node.index.matching import FindQuery, IdentifierError, RetrieveItem, matching_keys, retrieve_items
+from dicom_node.index.store import Store
 from dicom_node.logs import fields
-from dicom_node.query import FindQuery, IdentifierError, RetrieveItem, matching_keys, retrieve_items
-from dicom_node.scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES, StorageServer
-from dicom_node.store import Store
+from dicom_node.net import scu, statuses, tls
+from dicom_node.net.association import Verification, no_delay
+from dicom_node.net.scu import MAX_CONTEXTS
+from dicom_node.net.storage_scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES
 
-log = logging.getLogger("dicom_node.qr")
+log = logging.getLogger("dicom_node.net.query_retrieve")
+
+# The Query/Retrieve Information Model SOP classes (PS3.4 C.6), spelled out: pynetdicom.sop_class builds
+# its names at run time (mypy cannot see them) and pydicom.uid has no Q/R models.  Same values, same names.
+#: Patient Root Query/Retrieve Information Model - FIND
+PatientRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.1.1")
+#: Patient Root Query/Retrieve Information Model - MOVE
+PatientRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.1.2")
+#: Patient Root Query/Retrieve Information Model - GET
+PatientRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.1.3")
+#: Study Root Query/Retrieve Information Model - FIND
+StudyRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.2.1")
+#: Study Root Query/Retrieve Information Model - MOVE
+StudyRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.2.2")
+#: Study Root Query/Retrieve Information Model - GET
+StudyRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.2.3")
 
 # -- conformance: what the Q/R SCP offers (the conformance statement is checked against these) --
 
@@ -89,34 +96,6 @@ QR_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
 )
 
-# -- DIMSE statuses the Q/R SCP answers with (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4) --
-
-#: Success: matching or all sub-operations completed; nothing more follows
-STATUS_SUCCESS = 0x0000
-#: Pending: C-FIND — one match in this response, more may follow; C-GET/C-MOVE — sub-operations go on
-#: (the response carries the remaining/completed/failed/warning counts)
-STATUS_PENDING = 0xFF00
-#: Cancel: the caller's C-CANCEL was honoured; C-GET/C-MOVE list what was not sent in Failed SOP Instance UID List
-STATUS_CANCELLED = 0xFE00
-#: Refused (C-GET/C-MOVE): Out of resources, unable to calculate number of matches — the node's index could not
-#: be read; retry later, and tell the node's operator (its log says why)
-STATUS_UNABLE_TO_CALCULATE_MATCHES = 0xA701
-#: Refused (C-GET/C-MOVE): unable to perform sub-operations — every sub-operation failed (e.g. the peer accepted
-#: no presentation context for the SOP classes); Failed SOP Instance UID List names them
-STATUS_SUBOPS_FAILED = 0xA702
-#: Refused (C-MOVE): Move Destination unknown — the destination AE title is not under [[destinations]] in the
-#: node's config, or the node could not associate with it; add it there (name, ae_title, host, port)
-STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
-#: Error: Identifier does not match SOP Class — wrong or missing QueryRetrieveLevel, a missing or multi-valued
-#: unique key of a level above, an invalid UID/date/time; the Error Comment names the key
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-#: Failed (C-FIND): Unable to process — the identifier could not be decoded or the index could not be read;
-#: the Error Comment says which
-STATUS_UNABLE_TO_PROCESS = 0xC000
-#: Warning (C-GET/C-MOVE): sub-operations complete, one or more failed or had warnings; Failed SOP Instance UID
-#: List names the failed ones
-STATUS_SUBOPS_WARNING = 0xB000
-
 _MODELS: dict[str, str] = {
     PatientRootQueryRetrieveInformationModelFind: "PATIENT",
     StudyRootQueryRetrieveInformationModelFind: "STUDY",
@@ -126,8 +105,6 @@ _MODELS: dict[str, str] = {
     StudyRootQueryRetrieveInformationModelMove: "STUDY",
 }
 
-#: most presentation contexts one association may propose (PS3.8: context IDs are odd numbers 1..255)
-_MAX_CONTEXTS = 128
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 #: what a C-MOVE that sends nothing proposes: contexts any destination accepts at least one of
 _ANY_STORAGE_CONTEXTS = [build_context(Verification),
@@ -141,16 +118,6 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     if comment:
         ds.ErrorComment = comment[:64]  # LO
     return ds
-
-
-def _no_delay(assoc: Any) -> None:
-    """TCP_NODELAY on the association's socket: sub-operations are many small PDUs (see outbox._no_delay)."""
-    try:
-        sock = assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):  # pragma: no cover - best effort
-        pass
 
 
 # -- transfer syntaxes of sub-operations ------------------------------------------------
@@ -232,11 +199,11 @@ def storage_contexts(items: list[RetrieveItem]) -> list[Any]:
         if ts.is_compressed or not ts.is_little_endian:
             extra[(it.sop_class_uid, str(ts))] = None
     contexts = [build_context(sop, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"]) for sop in base]
-    for sop, ts in extra:
-        if len(contexts) >= _MAX_CONTEXTS:
+    for sop, syntax in extra:
+        if len(contexts) >= MAX_CONTEXTS:
             break  # the rest go decompressed through the uncompressed context
-        contexts.append(build_context(sop, [ts]))
-    return contexts[:_MAX_CONTEXTS]
+        contexts.append(build_context(sop, [syntax]))
+    return contexts[:MAX_CONTEXTS]
 
 
 class _SubOps:
@@ -257,7 +224,7 @@ class _SubOps:
 
     def on_established(self, event: evt.Event) -> None:
         self.assoc = event.assoc
-        _no_delay(event.assoc)
+        no_delay(event.assoc)
 
     def counts(self) -> dict[str, int]:
         answered = sum(self.responses.values())
@@ -279,27 +246,23 @@ class QueryRetrieveService:
     # -- wiring -------------------------------------------------------------------------
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        """``extra_handlers`` for :class:`dicom_node.scp.StorageServer`."""
+        """The listener's event handlers for this service."""
         return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
 
     def configure(self, ae: AE) -> None:
         """Add the Q/R contexts, and accept the SCP role for storage so C-GET callers receive on their association.
 
-        Must run after the storage contexts were added (``StorageServer.build_ae``
+        Must run after the storage contexts were added (``Listener.build_ae``
         calls it last): adding a storage context again without roles would reset them.
         """
         for uid in (*FIND_SOP_CLASSES, *GET_SOP_CLASSES, *MOVE_SOP_CLASSES):
             ae.add_supported_context(uid, list(QR_TRANSFER_SYNTAXES))
         # C-MOVE opens associations from this AE: an unreachable destination must not hold the caller for minutes
-        ae.connection_timeout = min(self.settings.node.network_timeout_s, 30.0)
+        ae.connection_timeout = min(self.settings.node.network_timeout_s, scu.CONNECT_TIMEOUT_S)
         for uid in STORAGE_SOP_CLASSES:
             # scu_role=True keeps senders that propose role selection able to C-STORE to us;
             # scp_role=True lets a C-GET caller act as Storage SCP on the same association
             ae.add_supported_context(uid, list(STORAGE_TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
-
-    def server(self) -> StorageServer:
-        """The node's listener (Verification + Storage) with this Q/R service plugged in, not yet started."""
-        return StorageServer(self.settings, self.store, extra_handlers=self.handlers(), configure=self.configure)
 
     @contextlib.contextmanager
     def _index(self) -> Iterator[sqlite3.Connection]:
@@ -311,25 +274,26 @@ class QueryRetrieveService:
         finally:
             conn.close()
 
-    def _destination(self, ae_title: str) -> Destination | None:
+    def _destination(self, ae_title: str) -> DicomDestination | None:
         for dest in self._move_destinations():
             if dest.ae_title.strip() == ae_title:
                 return dest
         return None
 
-    def _move_destinations(self) -> list[Destination]:
+    def _move_destinations(self) -> list[DicomDestination]:
         """The destinations a C-MOVE may name: ``query_retrieve.move_destinations``, or all when that is empty."""
         names = set(self.settings.query_retrieve.move_destinations)
-        return [d for d in self.settings.destinations if not names or d.name in names]
+        return [d for d in self.settings.dicom_destinations() if not names or d.name in names]
 
     @staticmethod
-    def _connect_args(dest: Destination, **kwargs: Any) -> dict[str, Any]:
+    def _connect_args(dest: DicomDestination, **kwargs: Any) -> dict[str, Any]:
         """``ae.associate`` keyword arguments for the sub-association; DICOM TLS as configured for the destination.
 
         Raises :class:`tls.TLSConfigError` for unusable certificate settings.
         """
-        if dest.tls is not None:
-            kwargs["tls_args"] = (tls.client_context(dest.tls, dest.name), dest.host)
+        args = scu.tls_args(dest)
+        if args is not None:
+            kwargs["tls_args"] = args
         return kwargs
 
     # -- C-FIND -------------------------------------------------------------------------
@@ -338,19 +302,19 @@ class QueryRetrieveService:
         started = time.monotonic()
         calling = event.assoc.requestor.ae_title
         model = _MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
-        where = dict(calling_ae=calling, model=model.lower())
+        where: dict[str, Any] = dict(calling_ae=calling, model=model.lower())
         try:
             identifier = event.identifier
             query = FindQuery.parse(identifier, model)
         except IdentifierError as exc:
             log.warning("qr.find.rejected", extra=fields(**where, reason=str(exc),
-                                                         status=f"0x{STATUS_IDENTIFIER_MISMATCH:04X}"))
-            yield _status(STATUS_IDENTIFIER_MISMATCH, str(exc)), None
+                                                         status=statuses.hex_status(statuses.DOES_NOT_MATCH_SOP_CLASS)))
+            yield _status(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001 - an undecodable identifier
             log.warning("qr.find.rejected", extra=fields(**where, reason=f"cannot decode the identifier: {exc}",
-                                                         status=f"0x{STATUS_UNABLE_TO_PROCESS:04X}"))
-            yield _status(STATUS_UNABLE_TO_PROCESS, "cannot decode the identifier"), None
+                                                         status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
+            yield _status(statuses.CANNOT_UNDERSTAND, "cannot decode the identifier"), None
             return
         where.update(query_level=query.level, keys=matching_keys(identifier))
         log.info("qr.find", extra=fields(**where))
@@ -360,15 +324,15 @@ class QueryRetrieveService:
         except sqlite3.Error as exc:
             log.error("qr.find.failed", extra=fields(**where, reason=f"index unreadable: {exc}",
                                                      database=str(self.store.db_path)))
-            yield _status(STATUS_UNABLE_TO_PROCESS, "the node's index cannot be read; tell its operator"), None
+            yield _status(statuses.CANNOT_UNDERSTAND, "the node's index cannot be read; tell its operator"), None
             return
         ae_title = self.settings.node.ae_title
         for sent, row in enumerate(rows):
             if event.is_cancelled:
                 log.info("qr.find.cancelled", extra=fields(**where, matches=len(rows), sent=sent))
-                yield STATUS_CANCELLED, None
+                yield statuses.CANCEL, None
                 return
-            yield STATUS_PENDING, query.response(row, ae_title)
+            yield statuses.PENDING, query.response(row, ae_title)
         log.info("qr.find.done", extra=fields(**where, matches=len(rows),
                                               duration_ms=round((time.monotonic() - started) * 1000)))
 
@@ -380,16 +344,16 @@ class QueryRetrieveService:
             identifier = event.identifier
         except Exception as exc:  # noqa: BLE001 - whatever pydicom raises for a broken identifier
             why = f"cannot decode the identifier: {exc}"
-            return [], _status(STATUS_IDENTIFIER_MISMATCH, "cannot decode the identifier"), why, None
+            return [], _status(statuses.DOES_NOT_MATCH_SOP_CLASS, "cannot decode the identifier"), why, None
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper() or None
         try:
             with self._index() as conn:
                 return retrieve_items(conn, identifier, model), None, "", level
         except IdentifierError as exc:
-            return [], _status(STATUS_IDENTIFIER_MISMATCH, str(exc)), str(exc), level
+            return [], _status(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc)), str(exc), level
         except sqlite3.Error as exc:
             why = f"index unreadable: {exc} (database {self.store.db_path})"
-            return [], _status(STATUS_UNABLE_TO_CALCULATE_MATCHES,
+            return [], _status(statuses.UNABLE_TO_CALCULATE_MATCHES,
                                "the node's index cannot be read; tell its operator"), why, level
 
     def _sub_operations(self, event: evt.Event, items: list[RetrieveItem], subops: _SubOps,
@@ -400,7 +364,7 @@ class QueryRetrieveService:
             if event.is_cancelled:
                 log.info(f"qr.{op}.cancelled", extra=fields(**where, instances=len(items), sent=n, **subops.counts()))
                 subops.yielded = n  # the rest are reported remaining by pynetdicom
-                yield STATUS_CANCELLED, None
+                yield statuses.CANCEL, None
                 return
             prepared = prepare_instance(self.store.root / item.path, item, accepted(item.sop_class_uid))
             subops.actions[prepared.action] += 1
@@ -408,7 +372,7 @@ class QueryRetrieveService:
                 log.warning(f"qr.{op}.unsendable", extra=fields(**where, sop_instance_uid=item.sop_instance_uid,
                                                                  series_uid=item.series_uid, reason=prepared.reason))
             subops.yielded = n + 1
-            yield STATUS_PENDING, prepared.dataset
+            yield statuses.PENDING, prepared.dataset
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         started = time.monotonic()
@@ -429,12 +393,11 @@ class QueryRetrieveService:
             yield 0
             return
         assoc = event.assoc
-        _no_delay(assoc)
+        no_delay(assoc)
         subops = _SubOps()
 
         def accepted(sop_class: str) -> list[UID]:
-            return [UID(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
-                    if cx.abstract_syntax == sop_class and cx.as_scu]
+            return scu.accepted_syntaxes(assoc, sop_class)
 
         assoc.bind(evt.EVT_DIMSE_RECV, subops.on_dimse_recv)
         try:
@@ -455,7 +418,7 @@ class QueryRetrieveService:
         dest = self._destination(dest_ae)
         if dest is None:
             log.warning("qr.move.unknown_destination", extra=fields(
-                **where, status=f"0x{STATUS_MOVE_DESTINATION_UNKNOWN:04X}",
+                **where, status=statuses.hex_status(statuses.MOVE_DESTINATION_UNKNOWN),
                 known=[d.ae_title for d in self._move_destinations()],
                 action="add the AE title with host and port under [[destinations]] in the node config "
                        "(and its name to query_retrieve.move_destinations when that list is set)"))
@@ -465,7 +428,7 @@ class QueryRetrieveService:
         try:
             self._connect_args(dest)  # a TLS destination with unusable certificate files: say so now
         except tls.TLSConfigError as exc:
-            log.error("qr.move.failed", extra=fields(**where, status=f"0x{STATUS_MOVE_DESTINATION_UNKNOWN:04X}",
+            log.error("qr.move.failed", extra=fields(**where, status=statuses.hex_status(statuses.MOVE_DESTINATION_UNKNOWN),
                                                      reason=f"TLS configuration of destination {dest.name!r}: {exc}"))
             yield None, None
             return
@@ -491,8 +454,7 @@ class QueryRetrieveService:
         def accepted(sop_class: str) -> list[UID]:
             if subops.assoc is None:
                 return []
-            return [UID(cx.transfer_syntax[0]) for cx in subops.assoc.accepted_contexts
-                    if cx.abstract_syntax == sop_class and cx.as_scu]
+            return scu.accepted_syntaxes(subops.assoc, sop_class)
 
         connect = self._connect_args(dest, contexts=storage_contexts(items),
                                      evt_handlers=[(evt.EVT_ESTABLISHED, subops.on_established),
@@ -510,7 +472,7 @@ class QueryRetrieveService:
                     reason = tls.describe_failure(context.last_failure, dest.host, dest.tls)
                 log.error("qr.move.failed", extra=fields(
                     **where, host=dest.host, port=dest.port, tls=dest.tls is not None,
-                    status=f"0x{STATUS_MOVE_DESTINATION_UNKNOWN:04X}", reason=reason))
+                    status=statuses.hex_status(statuses.MOVE_DESTINATION_UNKNOWN), reason=reason))
             else:
                 log.info("qr.move.done", extra=fields(**where, instances=len(items), **subops.counts(),
                                                       sent_as=dict(subops.actions),

@@ -25,15 +25,17 @@ error an operator can act on (:func:`describe_failure`).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.config import DestinationTLS, NodeTLS
+from dicom_node.errors import NodeError
 from dicom_node.logs import fields
 
-log = logging.getLogger("dicom_node.tls")
+log = logging.getLogger("dicom_node.net.tls")
 
 #: TLS 1.2 suites allowed (BCP 195 / RFC 9325 section 4.2): AEAD with forward secrecy only
 BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!aPSK:!SHA1"
@@ -43,18 +45,19 @@ BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNU
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class TLSConfigError(ValueError):
+class TLSConfigError(NodeError, ValueError):
     """A certificate, key or CA file cannot be used; the message names the key and the file."""
 
 
 class _RecordingSocket(ssl.SSLSocket):
     """An SSLSocket that tells its context why a handshake or read failed."""
 
-    def do_handshake(self, block: bool = False) -> None:  # noqa: FBT001, FBT002 - ssl's signature
+    def do_handshake(self, block: bool = False) -> None:
         try:
             super().do_handshake(block)
         except (ssl.SSLError, OSError) as exc:
-            self.context._note_failure(self, exc, "handshake")  # type: ignore[attr-defined]
+            if isinstance(self.context, NodeSSLContext):  # always: only NodeSSLContext makes these sockets
+                self.context._note_failure(self, exc, "handshake")
             raise
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
@@ -62,7 +65,8 @@ class _RecordingSocket(ssl.SSLSocket):
         try:
             return super().recv(buflen, flags)
         except ssl.SSLError as exc:
-            self.context._note_failure(self, exc, "read")  # type: ignore[attr-defined]
+            if isinstance(self.context, NodeSSLContext):
+                self.context._note_failure(self, exc, "read")
             raise
 
 
@@ -94,12 +98,21 @@ class NodeSSLContext(ssl.SSLContext):
                 peer = "?"
             self.on_failure(str(peer), reason, stage)
 
-    def wrap_socket(self, sock, server_side=False, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        args = (sock, server_side, do_handshake_on_connect, suppress_ragged_eofs, server_hostname, session)
         if not server_side or self.handshake_timeout_s is None:
-            return super().wrap_socket(sock, server_side, *args, **kwargs)
+            return super().wrap_socket(*args)
         previous = sock.gettimeout()
         sock.settimeout(self.handshake_timeout_s)
-        wrapped = super().wrap_socket(sock, server_side, *args, **kwargs)
+        wrapped = super().wrap_socket(*args)
         wrapped.settimeout(previous)
         return wrapped
 

@@ -1,10 +1,10 @@
-"""Durable per-destination sending: an SQLite queue drained by C-STORE with retries, backoff and dead letters.
+"""Durable per-destination sending: an SQLite queue drained by the destination's sender, with retries, backoff and dead letters.
 
 Every instance the node must deliver is a row of table ``outbox`` (one per
 destination and SOP Instance UID).  Rows survive a restart: a row left
 ``sending`` by a crash goes back to ``pending`` when the next :class:`Outbox`
 opens the database, and is sent again, which is harmless (C-STORE of the same
-SOP Instance UID replaces or is ignored by the peer).
+SOP Instance UID replaces or is ignored by the peer; STOW-RS likewise).
 
 States::
 
@@ -14,42 +14,43 @@ States::
                                            `--(attempts >= max, or unreadable file)--> dead
     dead/pending --(retry)--> pending (attempts reset, due now)
 
-One association per destination and :meth:`Outbox.process_due` call carries
-all due items (up to :attr:`Outbox.batch_size`); every C-STORE response status
-is checked.  Logs name destinations, counts, statuses and UIDs, never patient
-names or IDs.
+Each :meth:`Outbox.process_due` call hands every destination's due items (up
+to :attr:`Outbox.batch_size`) to the sender of its ``kind`` (``senders.py``:
+C-STORE for ``dicom``, STOW-RS for ``dicomweb``) and records each outcome as it
+comes.  Logs name destinations, counts, statuses and UIDs, never patient names
+or IDs.
 """
 
 from __future__ import annotations
 
 import builtins
 import logging
-import socket
+import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Protocol
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
-from pynetdicom.status import code_to_category
 
-from dicom_node import db, tls
-from dicom_node.config import Destination, NodeSettings
+from dicom_node.config import NodeSettings
+from dicom_node.index import db
 from dicom_node.logs import fields
+from dicom_node.net.scu import MAX_CONTEXTS
+from dicom_node.net.statuses import hex_status
+from dicom_node.outbox.senders import Outcome, Work, sender_for
+from dicom_node.states import OutboxState, check_in
 
 log = logging.getLogger("dicom_node.outbox")
 
-STATES = ("pending", "sending", "sent", "dead")
+STATES = tuple(s.value for s in OutboxState)
 
-#: a DICOM association negotiates at most 128 presentation contexts (odd IDs 1..255)
-MAX_CONTEXTS = 128
+__all__ = ["MAX_CONTEXTS", "Outbox", "OutboxItem", "Queued", "STATES", "ensure_schema"]
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS outbox (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     destination      TEXT    NOT NULL,
@@ -57,8 +58,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     sop_class_uid    TEXT    NOT NULL,
     path             TEXT    NOT NULL,
     job_id           INTEGER NULL,
-    state            TEXT    NOT NULL DEFAULT 'pending'
-                             CHECK (state IN ('pending', 'sending', 'sent', 'dead')),
+    state            TEXT    NOT NULL DEFAULT 'pending' {check_in('state', OutboxState)},
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  REAL    NOT NULL,
     last_status      INTEGER NULL,
@@ -72,7 +72,7 @@ CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
 """
 
 
-def ensure_schema(conn) -> None:
+def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the ``outbox`` table and its indexes if missing (idempotent)."""
     conn.executescript(SCHEMA)
 
@@ -94,7 +94,7 @@ class OutboxItem:
     updated_at: float
 
     @classmethod
-    def _from_row(cls, row) -> "OutboxItem":
+    def _from_row(cls, row: sqlite3.Row) -> OutboxItem:
         return cls(
             id=row["id"],
             destination=row["destination"],
@@ -112,49 +112,40 @@ class OutboxItem:
         )
 
 
-@dataclass
-class _Work:
-    """One claimed row during a send: the row plus what the file header says."""
+class Queued(Protocol):
+    """What the outbox needs of an instance to queue it: a store result has it (no header read again).
 
-    id: int
+    Read-only members, so frozen dataclasses (``StoreResult``, :class:`QueuedFile`) qualify.
+    """
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class QueuedFile:
     sop_instance_uid: str
     sop_class_uid: str
     path: Path
-    attempts: int
-    transfer_syntax: UID | None = None
 
-
-def _no_delay(event) -> None:
-    """Disable Nagle on the association's socket.
-
-    pynetdicom writes a C-STORE as several small PDUs; with Nagle on, the
-    peer's delayed ACK stalls every request by ~40 ms.  Measured on loopback,
-    100 small instances: to a pynetdicom SCP 5.2 s -> 0.8 s; to DCMTK storescp
-    9.7 s -> 5.0 s (storescp itself needs ~90 ms per instance, also from
-    DCMTK's own storescu).
-    """
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):  # pragma: no cover - best effort, TLS wrappers included
-        pass
-
-
-def _status_hex(status: int | None) -> str | None:
-    return None if status is None else f"0x{status:04X}"
-
-
-def _context_key(sop_class: str, ts: UID) -> tuple[str, str]:
-    """Files sharing a key share a presentation context.
-
-    Uncompressed little-endian data (explicit, implicit, deflated) can be
-    re-encoded by pynetdicom into whichever of them the peer accepts, so all of
-    it shares one context; a compressed or big-endian syntax needs its own.
-    """
-    if not ts.is_compressed and ts.is_little_endian:
-        return sop_class, "le"
-    return sop_class, str(ts)
+    @classmethod
+    def read(cls, path: Path) -> QueuedFile:
+        """The UIDs from a file's header (for files the node did not just store itself)."""
+        path = Path(path).resolve()
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        except InvalidDicomError as exc:
+            raise ValueError(f"{path}: not a DICOM file ({exc})") from None
+        meta = getattr(ds, "file_meta", None)
+        sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+        sop_inst = ds.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else None)
+        if not sop_class or not sop_inst:
+            raise ValueError(f"{path}: no SOP Class UID / SOP Instance UID in the header")
+        return cls(str(sop_inst), str(sop_class), path)
 
 
 class Outbox:
@@ -230,19 +221,19 @@ class Outbox:
         for conn in conns:
             try:
                 conn.close()
-            except Exception:  # pragma: no cover - best effort
+            except sqlite3.Error:  # pragma: no cover - best effort
                 pass
         self._local = threading.local()
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Outbox:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- queueing -----------------------------------------------------------
 
-    def _check_destination(self, destination: str) -> Destination:
+    def _check_destination(self, destination: str) -> Any:
         try:
             return self.settings.destination(destination)
         except KeyError:
@@ -251,26 +242,19 @@ class Outbox:
                 f"unknown destination {destination!r}; configured destinations: {names}"
             ) from None
 
-    def enqueue(self, destination: str, paths: Sequence[Path], job_id: int | None = None) -> int:
-        """Queue ``paths`` for ``destination``; returns how many rows are new.
+    def enqueue(self, destination: str, items: Sequence[Queued | Path], job_id: int | None = None) -> int:
+        """Queue instances for ``destination``; returns how many rows are new.
 
+        ``items`` are store results (or anything with ``sop_instance_uid``,
+        ``sop_class_uid`` and ``path``), or file paths whose headers are read.
         Idempotent on (destination, SOP Instance UID): an instance already
         queued, sent or dead is left as it is (revive dead ones with :meth:`retry`).
         """
         self._check_destination(destination)
         entries: builtins.list[tuple[str, str, str]] = []
-        for p in paths:
-            path = Path(p).resolve()
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-            except InvalidDicomError as exc:
-                raise ValueError(f"{path}: not a DICOM file ({exc})") from None
-            meta = getattr(ds, "file_meta", None)
-            sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
-            sop_inst = ds.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else None)
-            if not sop_class or not sop_inst:
-                raise ValueError(f"{path}: no SOP Class UID / SOP Instance UID in the header")
-            entries.append((str(sop_inst), str(sop_class), str(path)))
+        for item in items:
+            q = QueuedFile.read(item) if isinstance(item, (str, Path)) else item
+            entries.append((str(q.sop_instance_uid), str(q.sop_class_uid), str(Path(q.path).resolve())))
 
         t = db.now()
         new = 0
@@ -324,7 +308,7 @@ class Outbox:
     # -- inspection ---------------------------------------------------------
 
     def list(self, state: str | None = None, destination: str | None = None,
-             job_id: int | None = None) -> "builtins.list[OutboxItem]":
+             job_id: int | None = None) -> builtins.list[OutboxItem]:
         """Items ordered by id, optionally filtered by state, destination and job."""
         if state is not None and state not in STATES:
             raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
@@ -359,7 +343,7 @@ class Outbox:
     def process_due(self, now: float | None = None) -> dict[str, int]:
         """Send every due item, one association per destination; returns ``{sent, retried, dead}``.
 
-        ``now`` (seconds, like :func:`dicom_node.db.now`) decides what is due and
+        ``now`` (seconds, like :func:`dicom_node.index.db.now`) decides what is due and
         is the base of the backoff; by default the wall clock.
         """
         return self._process_due(now, cancel=None)
@@ -383,7 +367,7 @@ class Outbox:
     def _clock(self, now: float | None) -> float:
         return db.now() if now is None else now
 
-    def _claim(self, destination: str, now: float | None) -> builtins.list[_Work]:
+    def _claim(self, destination: str, now: float | None) -> builtins.list[Work]:
         t = self._clock(now)
         with db.transaction(self._conn()) as conn:
             rows = conn.execute(
@@ -397,9 +381,9 @@ class Outbox:
                     f"UPDATE outbox SET state='sending', updated_at=? WHERE id IN ({','.join('?' * len(ids))})",
                     [db.now(), *ids],
                 )
-        return [_Work(r["id"], r["sop_instance_uid"], r["sop_class_uid"], Path(r["path"]), r["attempts"]) for r in rows]
+        return [Work(r["id"], r["sop_instance_uid"], r["sop_class_uid"], Path(r["path"]), r["attempts"]) for r in rows]
 
-    def _release(self, items: Sequence[_Work]) -> None:
+    def _release(self, items: Sequence[Work]) -> None:
         """Hand claimed but untried items back unchanged (still due)."""
         if not items:
             return
@@ -410,7 +394,7 @@ class Outbox:
                 [db.now(), *ids],
             )
 
-    def _mark_sent(self, dest: str, w: _Work, status: int) -> None:
+    def _mark_sent(self, dest: str, w: Work, status: int) -> None:
         with db.transaction(self._conn()) as conn:
             conn.execute(
                 "UPDATE outbox SET state='sent', attempts=attempts+1, last_status=?, last_error=NULL, updated_at=?"
@@ -422,10 +406,10 @@ class Outbox:
             logging.WARNING if warning else logging.INFO,
             "outbox.sent",
             extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
-                         status=_status_hex(status), warning=warning),
+                         status=hex_status(status), warning=warning),
         )
 
-    def _mark_failed(self, dest: str, w: _Work, status: int | None, error: str, now: float | None,
+    def _mark_failed(self, dest: str, w: Work, status: int | None, error: str, now: float | None,
                      permanent: bool = False) -> str:
         """Record a failed attempt; returns the new state ('pending' or 'dead')."""
         cfg = self.settings.outbox
@@ -442,17 +426,24 @@ class Outbox:
             )
         if dead:
             log.error("outbox.dead", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
-                                                  attempts=attempts, status=_status_hex(status), error=error))
+                                                  attempts=attempts, status=hex_status(status), error=error))
             return "dead"
         log.warning("outbox.retry", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
-                                                 attempts=attempts, status=_status_hex(status), error=error,
+                                                 attempts=attempts, status=hex_status(status), error=error,
                                                  retry_in_s=delay, next_attempt_at=next_at))
         return "pending"
 
-    def _fail_all(self, dest: str, items: Sequence[_Work], status: int | None, error: str,
-                  now: float | None, counts: dict[str, int]) -> None:
-        for w in items:
-            state = self._mark_failed(dest, w, status, error, now)
+    def _record(self, dest: str, outcome: Outcome, now: float | None, counts: dict[str, int]) -> None:
+        w = outcome.work
+        if outcome.result == "sent":
+            assert outcome.status is not None
+            self._mark_sent(dest, w, outcome.status)
+            counts["sent"] += 1
+        elif outcome.result == "untried":
+            self._release([w])
+        else:
+            state = self._mark_failed(dest, w, outcome.status, outcome.error or "failed",
+                                      now, permanent=outcome.result == "permanent")
             counts["dead" if state == "dead" else "retried"] += 1
 
     def _process_destination(self, name: str, now: float | None, cancel: threading.Event | None) -> dict[str, int]:
@@ -460,153 +451,25 @@ class Outbox:
         items = self._claim(name, now)
         if not items:
             return counts
+        pending = {w.id: w for w in items}
         try:
-            self._send_claimed(name, items, now, cancel, counts)
+            try:
+                dest = self.settings.destination(name)
+            except KeyError:
+                for w in items:
+                    self._record(name, Outcome(w, "failed", None, f"destination {name!r} is not configured"), now, counts)
+                return counts
+            for outcome in sender_for(dest, self.settings, self.calling_ae).send(items, cancel):
+                self._record(name, outcome, now, counts)
+                pending.pop(outcome.work.id, None)
+            self._release(builtins.list(pending.values()))  # a sender that said nothing of an item: untried
         except Exception as exc:
             # never leave claimed rows 'sending' behind an unexpected error: count it as a failed attempt
             log.exception("outbox.error", extra=fields(destination=name, items=len(items)))
-            ids = [w.id for w in items]
-            left = {r[0] for r in self._conn().execute(
-                f"SELECT id FROM outbox WHERE state='sending' AND id IN ({','.join('?' * len(ids))})", ids)}
-            self._fail_all(name, [w for w in items if w.id in left], None,
-                           f"internal error: {exc.__class__.__name__}: {exc}", now, counts)
+            for w in pending.values():
+                self._record(name, Outcome(w, "failed", None, f"internal error: {exc.__class__.__name__}: {exc}"),
+                             now, counts)
         return counts
-
-    def _send_claimed(self, name: str, items: builtins.list[_Work], now: float | None,
-                      cancel: threading.Event | None, counts: dict[str, int]) -> dict[str, int]:
-        try:
-            dest = self.settings.destination(name)
-        except KeyError:
-            self._fail_all(name, items, None, f"destination {name!r} is not configured", now, counts)
-            return counts
-
-        # Read each file's transfer syntax; unreadable files are dead at once (retrying cannot help).
-        readable: builtins.list[_Work] = []
-        for w in items:
-            try:
-                meta = read_file_meta_info(w.path)
-                w.transfer_syntax = UID(meta.get("TransferSyntaxUID") or ImplicitVRLittleEndian)
-                readable.append(w)
-            except (OSError, InvalidDicomError) as exc:
-                self._mark_failed(name, w, None, f"cannot read {w.path}: {exc.__class__.__name__}: {exc}", now,
-                                  permanent=True)
-                counts["dead"] += 1
-
-        # Presentation contexts: each file's own syntax, plus both little-endian syntaxes for uncompressed data.
-        contexts: dict[tuple[str, str], builtins.list[str]] = {}
-        batch: builtins.list[_Work] = []
-        overflow: builtins.list[_Work] = []
-        for w in readable:
-            key = _context_key(w.sop_class_uid, w.transfer_syntax)
-            if key not in contexts:
-                if len(contexts) >= MAX_CONTEXTS:
-                    overflow.append(w)
-                    continue
-                contexts[key] = []
-            syntaxes = contexts[key]
-            if str(w.transfer_syntax) not in syntaxes:
-                syntaxes.insert(0 if key[1] == "le" else len(syntaxes), str(w.transfer_syntax))
-            batch.append(w)
-        self._release(overflow)
-        if not batch:
-            return counts
-        requested = []
-        for (sop_class, kind), syntaxes in contexts.items():
-            if kind == "le":
-                for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-                    if ts not in syntaxes:
-                        syntaxes.append(ts)
-            requested.append(build_context(sop_class, syntaxes))
-
-        ae = AE(ae_title=self.calling_ae)
-        timeout = self.settings.node.network_timeout_s
-        ae.acse_timeout = timeout
-        ae.dimse_timeout = timeout
-        ae.network_timeout = timeout
-        ae.connection_timeout = min(timeout, 30.0)
-        where = dict(destination=name, ae_title=dest.ae_title, host=dest.host, port=dest.port, tls=dest.tls is not None)
-        tls_args = None
-        if dest.tls is not None:
-            try:
-                context = tls.client_context(dest.tls, name)
-            except tls.TLSConfigError as exc:
-                log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=str(exc)))
-                self._fail_all(name, batch, None, f"TLS configuration: {exc}", now, counts)
-                return counts
-            tls_args = (context, dest.host)  # the host name is checked when verify_hostname, else only sent (SNI)
-        try:
-            assoc = ae.associate(dest.host, dest.port, contexts=requested, ae_title=dest.ae_title,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)], tls_args=tls_args)
-        except Exception as exc:  # bad address and the like
-            log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=str(exc)))
-            self._fail_all(name, batch, None, f"association failed: {exc}", now, counts)
-            return counts
-        if not assoc.is_established:
-            reason = self._association_failure(assoc)
-            if tls_args is not None and tls_args[0].last_failure and not assoc.is_rejected:
-                reason = tls.describe_failure(tls_args[0].last_failure, dest.host, dest.tls)
-            log.error("outbox.association.failed", extra=fields(**where, items=len(batch), reason=reason))
-            self._fail_all(name, batch, None, reason, now, counts)
-            return counts
-
-        statuses: dict[str, int] = {}
-        try:
-            for i, w in enumerate(batch):
-                if cancel is not None and cancel.is_set():
-                    self._release(batch[i:])
-                    break
-                if not assoc.is_established:
-                    reason = "association aborted by the peer or the network" if assoc.is_aborted else "association closed"
-                    log.error("outbox.association.failed", extra=fields(**where, items=len(batch) - i, reason=reason))
-                    self._fail_all(name, batch[i:], None, reason, now, counts)
-                    break
-                status, error, permanent = self._send_one(assoc, w)
-                if status is not None:
-                    statuses[_status_hex(status)] = statuses.get(_status_hex(status), 0) + 1
-                if status is not None and code_to_category(status) in ("Success", "Warning"):
-                    self._mark_sent(name, w, status)
-                    counts["sent"] += 1
-                else:
-                    state = self._mark_failed(name, w, status, error, now, permanent=permanent)
-                    counts["dead" if state == "dead" else "retried"] += 1
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        log.info("outbox.association.done", extra=fields(**where, **counts, statuses=statuses))
-        return counts
-
-    @staticmethod
-    def _association_failure(assoc) -> str:
-        prim = getattr(assoc.acceptor, "primitive", None)
-        if assoc.is_rejected and prim is not None:
-            return f"association rejected: {prim.result_str}, {prim.source_str}, {prim.reason_str}"
-        if prim is not None and getattr(prim, "result", None) == 0x00:
-            return "association aborted: the peer accepted no presentation context"
-        if assoc.is_aborted and prim is not None:
-            return "association aborted during negotiation"
-        return "connection failed: peer unreachable, refused or did not answer"
-
-    def _send_one(self, assoc, w: _Work) -> tuple[int | None, str | None, bool]:
-        """C-STORE one file: (status or None, error text, permanent?)."""
-        try:
-            ds = pydicom.dcmread(w.path)
-        except (OSError, InvalidDicomError) as exc:
-            return None, f"cannot read {w.path}: {exc.__class__.__name__}: {exc}", True
-        try:
-            rsp = assoc.send_c_store(ds)
-        except ValueError as exc:  # no accepted context for this SOP class / transfer syntax, or encoding failed
-            return None, f"not sent: {exc}", False
-        except Exception as exc:  # AttributeError, RuntimeError (association gone), encoding errors ...
-            return None, f"not sent: {exc.__class__.__name__}: {exc}", False
-        status = rsp.get("Status") if rsp is not None else None
-        if status is None:
-            return None, "no C-STORE response (timeout, abort or invalid response)", False
-        status = int(status)
-        category = code_to_category(status)
-        if category in ("Success", "Warning"):
-            return status, None, False
-        comment = rsp.get("ErrorComment")
-        return status, f"C-STORE {category.lower()} status {_status_hex(status)}" + (f": {comment}" if comment else ""), False
 
     # -- background worker --------------------------------------------------
 

@@ -13,24 +13,28 @@ import json
 import logging
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from dicom_node import db, logs
+from dicom_node import logs
+from dicom_node.errors import NodeError
+from dicom_node.index import db
+from dicom_node.states import JobState, check_in
 
-log = logging.getLogger("dicom_node.jobs")
+log = logging.getLogger("dicom_node.workflow.jobs")
 
 MAX_INTERRUPTIONS = 3
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL UNIQUE,
     pipeline TEXT NOT NULL,
     base_series_uid TEXT NOT NULL,
     overlay_series_uid TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queued',
+    state TEXT NOT NULL DEFAULT 'queued' {check_in('state', JobState)},
     attempts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     started_at REAL,
@@ -58,7 +62,7 @@ class Job:
     result: dict | None
 
     @classmethod
-    def from_row(cls, row: Any) -> "Job":
+    def from_row(cls, row: Any) -> Job:
         d = dict(row)
         d["result"] = json.loads(d["result"]) if d["result"] else None
         return cls(**d)
@@ -97,6 +101,7 @@ class JobQueue:
                 "INSERT INTO jobs (key, pipeline, base_series_uid, overlay_series_uid, created_at) VALUES (?, ?, ?, ?, ?)",
                 (key, pipeline, base_series_uid, overlay_series_uid, db.now()),
             )
+            assert cur.lastrowid is not None  # sqlite3 sets it after every successful INSERT
             return int(cur.lastrowid), True
 
     def claim(self) -> Job | None:
@@ -145,7 +150,8 @@ class JobQueue:
         return Job.from_row(row) if row else None
 
     def list(self, state: str | None = None) -> list[Job]:
-        q, args = "SELECT * FROM jobs", ()
+        q = "SELECT * FROM jobs"
+        args: tuple[str, ...] = ()
         if state:
             q, args = q + " WHERE state = ?", (state,)
         return [Job.from_row(r) for r in self.conn.execute(q + " ORDER BY id", args)]
@@ -182,8 +188,12 @@ class Executor:
         try:
             result = self._run(job)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
-            reason = getattr(exc, "operator_message", None) or f"{type(exc).__name__}: {exc}"
-            self._queue.fail(job.id, reason, getattr(exc, "result", None))
+            partial: dict[str, Any] | None
+            if isinstance(exc, NodeError):
+                reason, partial = exc.operator_message, exc.result
+            else:
+                reason, partial = f"{type(exc).__name__}: {exc}", None
+            self._queue.fail(job.id, reason, partial)
             log.error("job.failed", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, reason=reason,
                                                        trace=traceback.format_exc(limit=8)))
             return True

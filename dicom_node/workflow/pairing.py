@@ -1,35 +1,38 @@
-"""When is a series complete, and which two complete series make a fusion job?
+"""Which two complete series make a fusion job: the pipelines' rules, applied to settled series.
 
-Series states (column ``series.state``, owned by the store):
-
-``open`` -> ``settled`` (quiet period over, announced count reached, or manual
-trigger) -> ``paired`` (a job was made with it), ``unmatched`` (no pipeline
-selects it) or ``timed_out`` (a pipeline selects it but no partner settled in
-time).  A new instance re-opens a series (the store does that), so a late
-slice leads to a new job on the new inputs - while the same inputs settling
-twice map to the same job key and are processed once.
+Series states (``dicom_node.states.SeriesState``, column ``series.state``):
+a ``settled`` series (see ``settle.py``) becomes ``paired`` (a job was made
+with it), ``unmatched`` (no pipeline selects it) or ``timed_out`` (a pipeline
+selects it but no partner settled in time).  A new instance re-opens a series
+(the store does that), so a late slice leads to a new job on the new inputs -
+while the same inputs settling twice map to the same job key and are
+processed once.
 
 Routing by Called AE Title: a pipeline with its own ``ae_title`` pairs only
 series that arrived through that AE title (an instance's ``called_ae`` in
 the store); a pipeline without one takes series sent to any other called AE
 title (the node's own), never those sent to another pipeline's.
 
-Every decision is logged with its reason (events ``pairing.*``).
+Every decision is logged once with its reason (events ``pairing.*``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from dicom_node import db, logs
+from dicom_node import logs
 from dicom_node.config import NodeSettings, Pipeline, SeriesSelector
-from dicom_node.jobs import JobQueue, input_key
+from dicom_node.index import db
+from dicom_node.states import SeriesState
+from dicom_node.workflow.jobs import JobQueue, input_key
 
-log = logging.getLogger("dicom_node.pairing")
+log = logging.getLogger("dicom_node.workflow.pairing")
 
-WAITING = ("settled", "paired")  # states whose series can still be a partner
+#: states whose series can still be a partner
+WAITING = (SeriesState.SETTLED, SeriesState.PAIRED)
 
 
 def selects(selector: SeriesSelector, series: Any) -> bool:
@@ -69,41 +72,6 @@ class Pairing:
         #: the pipelines' own Called AE Titles (routing, see module notes); empty = no lookups needed
         self._pipeline_aes = frozenset(p.ae_title for p in settings.pipelines if p.ae_title)
 
-    # -- settling ---------------------------------------------------------------
-    def settle_due(self, now: float | None = None) -> list[str]:
-        """Settle every open received series whose quiet period is over or whose announced count arrived."""
-        now = db.now() if now is None else now
-        cfg = self._settings.settle
-        settled = []
-        for s in self._store.list_series(state="open", origin="received"):
-            reason = None
-            if cfg.use_announced_count and s.announced_count and s.instance_count >= s.announced_count:
-                reason = f"all {s.announced_count} announced instances received"
-            elif now - s.last_received >= cfg.quiet_seconds:
-                reason = f"no new instance for {now - s.last_received:.0f} s (quiet period {cfg.quiet_seconds:g} s)"
-            if reason:
-                self._settle(s, reason)
-                settled.append(s.series_uid)
-        return settled
-
-    def trigger(self, series_uid: str) -> None:
-        """Operator's manual trigger: settle now, whatever the quiet period says."""
-        s = self._store.get_series(series_uid)
-        if s is None:
-            raise KeyError(f"no series {series_uid} in the store")
-        self._settle(s, "manual trigger", only_if_unchanged=False)
-
-    def _settle(self, s: Any, reason: str, *, only_if_unchanged: bool = True) -> None:
-        # compare-and-set: an instance that arrived since we read the series keeps it open
-        if not self._store.set_series_state(s.series_uid, "settled", reason,
-                                            expected_state=s.state if only_if_unchanged else None,
-                                            unchanged_since=s.last_received if only_if_unchanged else None):
-            log.info("pairing.series.settle_skipped", extra=logs.fields(
-                series_uid=s.series_uid, reason="changed while deciding (new instance)"))
-            return
-        log.info("pairing.series.settled", extra=logs.fields(
-            series_uid=s.series_uid, modality=s.modality, instances=s.instance_count, reason=reason))
-
     # -- pairing ----------------------------------------------------------------
     def pair_settled(self, now: float | None = None) -> list[int]:
         """Turn settled series into jobs; give up on those whose partner never came."""
@@ -111,7 +79,9 @@ class Pairing:
         new_jobs = []
         candidates = [s for st in WAITING for s in self._store.list_series(state=st, origin="received")]
         called: dict[str, frozenset[str]] = {}  # this pass's cache: series UID -> called AE titles
-        for s in [c for c in candidates if c.state == "settled"]:
+        #: (pipeline, base, overlay) decided in this pass: two series settling together are one decision
+        decided: set[tuple[str, str, str]] = set()
+        for s in [c for c in candidates if c.state == SeriesState.SETTLED]:
             selecting = [(p, role) for p in self._settings.pipelines for role in ("base", "overlay")
                          if selects(getattr(p, role), s)]
             fitting = [(p, role) for p, role in selecting if self._routed(p, s, called)]
@@ -122,7 +92,7 @@ class Pairing:
                     sent_to = ", ".join(sorted(self._called_aes(s, called))) or "no recorded AE title"
                     reason = (f"pipeline(s) {names} take only series sent to their own AE title; "
                               f"this one was sent to {sent_to}")
-                self._store.set_series_state(s.series_uid, "unmatched", reason)
+                self._store.set_series_state(s.series_uid, SeriesState.UNMATCHED, reason)
                 log.info("pairing.series.unmatched", extra=logs.fields(
                     series_uid=s.series_uid, modality=s.modality, instances=s.instance_count, reason=reason))
                 continue
@@ -132,10 +102,13 @@ class Pairing:
                 if partner is None:
                     continue
                 base, overlay = (s, partner) if role == "base" else (partner, s)
+                made = True
+                if (pipeline.name, base.series_uid, overlay.series_uid) in decided:
+                    continue
+                decided.add((pipeline.name, base.series_uid, overlay.series_uid))
                 job_id = self._make_job(pipeline, base, overlay)
                 if job_id is not None:
                     new_jobs.append(job_id)
-                made = True
             if made:
                 continue
             waited = now - (s.state_changed or now)
@@ -143,7 +116,7 @@ class Pairing:
             if waited >= timeout:
                 reason = (f"no partner series settled within {timeout:g} s for pipeline(s) "
                           f"{', '.join(sorted({p.name for p, _ in fitting}))}")
-                self._store.set_series_state(s.series_uid, "timed_out", reason)
+                self._store.set_series_state(s.series_uid, SeriesState.TIMED_OUT, reason)
                 log.warning("pairing.partner.timeout", extra=logs.fields(series_uid=s.series_uid, reason=reason))
         return new_jobs
 
@@ -173,15 +146,11 @@ class Pairing:
                         [i.sop_instance_uid for i in self._store.instances(overlay.series_uid)])
         job_id, created = self._jobs.enqueue(key, pipeline.name, base.series_uid, overlay.series_uid)
         for s in (base, overlay):
-            if s.state != "paired":
-                self._store.set_series_state(s.series_uid, "paired", f"job {job_id} ({pipeline.name})")
+            if s.state != SeriesState.PAIRED:
+                self._store.set_series_state(s.series_uid, SeriesState.PAIRED, f"job {job_id} ({pipeline.name})")
         log.info("pairing.job.created" if created else "pairing.job.exists", extra=logs.fields(
             job_id=job_id, pipeline=pipeline.name, base_series_uid=base.series_uid,
             overlay_series_uid=overlay.series_uid, base_instances=base.instance_count,
             overlay_instances=overlay.instance_count))
         return job_id if created else None
 
-    def sweep(self, now: float | None = None) -> list[int]:
-        """One pass: settle what is due, then pair. Called periodically by the service."""
-        self.settle_due(now)
-        return self.pair_settled(now)

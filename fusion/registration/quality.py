@@ -29,7 +29,7 @@ the check costs a small fraction of the registration):
 ``flip_similarity``
     the overlay mirrored left-right (its voxels reversed along the axis closest
     to patient x), registered again with cheap settings, and its ECC: a local optimiser never turns a flipped series back
-    (DESIGN.md), so when the mirrored overlay fits clearly better
+    (docs/method.md), so when the mirrored overlay fits clearly better
     (``flip_similarity > similarity + flip_margin``) the series is most likely
     left-right flipped (a wrong header or a mislabelled acquisition) — or the
     registration failed; either way it must not be fused.  A left-right
@@ -46,11 +46,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import SimpleITK as sitk
 
-from fusion.registration import (
+from fusion.registration.rigid import (
     RegistrationError,
     RegistrationParams,
     RegistrationResult,
@@ -59,6 +60,9 @@ from fusion.registration import (
     register_rigid,
     volume_centre,
 )
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: voxel size (mm) of the shrunk copies the figures are computed on
 COARSE_MM = 3.0
@@ -105,7 +109,7 @@ class QualityThresholds:
             raise ValueError("probe_mm and probe_deg must be > 0")
 
     @classmethod
-    def from_mapping(cls, values: dict) -> "QualityThresholds":
+    def from_mapping(cls, values: dict) -> QualityThresholds:
         """Build from a dict (e.g. the node config), ignoring keys that are not fields."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -153,9 +157,9 @@ class RegistrationQuality:
         """All problems in one operator-readable sentence (empty when acceptable)."""
         return "; ".join(self.problems)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """JSON-friendly figures, rounded, plus the verdict (for the job result and the logs)."""
-        out = {
+        out: dict[str, Any] = {
             "ok": self.ok,
             "overlap": round(self.overlap, 4),
             "support_overlap": round(self.support_overlap, 4),
@@ -230,7 +234,7 @@ class SimilarityProbe:
         #: moving voxel volume / fixed voxel volume
         self._voxel_ratio = float(np.prod(self.moving.GetSpacing()) / np.prod(self.fixed.GetSpacing()))
 
-    def mirrored(self) -> "SimilarityProbe":
+    def mirrored(self) -> SimilarityProbe:
         """The same fixed side and binning against the moving volume mirrored left-right (:func:`mirrored_lr`)."""
         other = object.__new__(SimilarityProbe)
         other.__dict__.update(self.__dict__)
@@ -329,9 +333,20 @@ def mirrored_lr(img: sitk.Image) -> sitk.Image:
     return out
 
 
+class FlipSettings(TypedDict):
+    """The :class:`RegistrationParams` fields :data:`FLIP_PARAMS` sets."""
+
+    shrink_factors: tuple[int, ...]
+    smoothing_sigmas: tuple[float, ...]
+    sampling: float
+    min_samples: int
+    iterations: int
+    working_spacing_mm: float | None
+
+
 #: the cheap settings of the flip check's registration (on the coarse copies)
-FLIP_PARAMS = dict(shrink_factors=(4, 2), smoothing_sigmas=(6.0, 3.0), sampling=0.05, min_samples=20000,
-                   iterations=300, working_spacing_mm=None)
+FLIP_PARAMS: FlipSettings = {"shrink_factors": (4, 2), "smoothing_sigmas": (6.0, 3.0), "sampling": 0.05,
+                             "min_samples": 20000, "iterations": 300, "working_spacing_mm": None}
 
 
 def assess_registration(
@@ -428,7 +443,7 @@ __all__ = [
 
 
 def check_sheet(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
-                names: tuple[str, str] = ("base", "overlay"), title: str = "", max_pixels: int = 256):
+                names: tuple[str, str] = ("base", "overlay"), title: str = "", max_pixels: int = 256) -> Image.Image:
     """The picture to look at: orthogonal slices of ``fixed``, ``moving`` before and after ``transform``, checkerboards.
 
     "Before" is the overlay as the scanners placed it (identity in patient
@@ -437,12 +452,12 @@ def check_sheet(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform
     (:func:`fusion.preview.display_range`).  Returns a ``PIL.Image``.
     """
     from fusion.preview import display_range, registration_sheet
-    from fusion.registration import resample_onto
+    from fusion.registration.rigid import resample_onto
 
     factor = max(1, -(-max(fixed.GetSize()[:2]) // max_pixels))
     grid = sitk.BinShrink(fixed, [factor, factor, 1]) if factor > 1 else fixed
     outside = float(sitk.GetArrayViewFromImage(moving).min())
     before = resample_onto(moving, grid, sitk.Euler3DTransform(), default_value=outside)
     after = resample_onto(moving, grid, transform, default_value=outside)
-    views = [display_range(sitk.GetArrayViewFromImage(v)) for v in (grid, before, after)]
-    return registration_sheet(*views, spacing_zyx=grid.GetSpacing()[::-1], names=names, title=title)
+    base_v, before_v, after_v = (display_range(sitk.GetArrayViewFromImage(v)) for v in (grid, before, after))
+    return registration_sheet(base_v, before_v, after_v, spacing_zyx=grid.GetSpacing()[::-1], names=names, title=title)

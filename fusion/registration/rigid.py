@@ -1,9 +1,9 @@
 """Rigid multimodal registration (Mattes mutual information) and resampling.
 
 Pure image science: SimpleITK images in physical space (LPS millimetres, as
-``dicom_node.volume`` builds them) in, a transform and quality figures out.
+``dicom_node.dicom.volume`` builds them) in, a transform and quality figures out.
 
-Method (DESIGN.md's measured starting point, with the changes measured in
+Method (the measured starting point in docs/method.md, with the changes measured in
 docs/registration.md that make it meet the issue-4 bar on real volumes):
 
 - preparation (:func:`prepare_pair`): each volume clipped to its 0.5-99.5th
@@ -42,7 +42,7 @@ sets SimpleITK's *global* default thread count for the duration of the call
 builds), under a lock.
 
 Not done here: a search over flips.  A left-right flipped series is not
-recovered by this local optimiser (DESIGN.md); ``fusion.registration_quality``
+recovered by this local optimiser (docs/method.md); ``fusion.registration.quality``
 detects it (and unrelated pairs and poor optima) so the caller can stop rather
 than fuse.
 
@@ -57,12 +57,15 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
+
+from fusion.errors import FusionError
 
 _INTERPOLATORS = {
     "linear": sitk.sitkLinear,
@@ -74,7 +77,7 @@ _INTERPOLATORS = {
 _OVERLAP_GRID = 96
 
 
-class RegistrationError(RuntimeError):
+class RegistrationError(FusionError):
     """SimpleITK could not register the pair (e.g. no overlap left); the message says why."""
 
 
@@ -106,7 +109,7 @@ class RegistrationParams:
     gradient_magnitude_tolerance: float = 1e-8
     #: smoothing sigmas in mm (True, SimpleITK's default) or in voxels of the full-resolution images
     smoothing_in_mm: bool = True
-    #: starting point: "geometry" (centres of the two extents coincide; DESIGN's measured choice) or
+    #: starting point: "geometry" (centres of the two extents coincide; the measured choice in docs/method.md) or
     #: "moments" (centres of mass; may help when the fields of view differ a lot, e.g. whole-body PET vs head MR)
     initialisation: str = "geometry"
     #: worker threads; None = SimpleITK's default (all cores).  Only 1 is bit-reproducible: ITK's
@@ -157,7 +160,7 @@ class RegistrationParams:
             raise ValueError(f"working_spacing_mm must be > 0 or None, got {self.working_spacing_mm}")
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> "RegistrationParams":
+    def from_mapping(cls, values: dict[str, Any]) -> RegistrationParams:
         """Build from a dict, ignoring keys that are not fields (e.g. ``enabled``)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -198,7 +201,18 @@ class RegistrationResult:
         return float(np.linalg.norm(self.translation_mm))
 
 
-def transform_matrix(transform: sitk.Transform) -> np.ndarray:
+class MatrixTransform(Protocol):
+    """A SimpleITK affine-family transform (Euler3D, Affine, VersorRigid3D, ...).
+
+    SimpleITK's base ``Transform`` has no matrix accessors: each subclass defines its own.
+    """
+
+    def GetMatrix(self) -> Sequence[float]: ...
+    def GetCenter(self) -> Sequence[float]: ...
+    def GetTranslation(self) -> Sequence[float]: ...
+
+
+def transform_matrix(transform: MatrixTransform) -> np.ndarray:
     """4x4 homogeneous matrix of a SimpleITK affine-family transform (fixed -> moving, mm)."""
     t = transform
     a = np.array(t.GetMatrix(), dtype=np.float64).reshape(3, 3)
@@ -224,7 +238,7 @@ def robust_clip(img: sitk.Image, percentiles: tuple[float, float]) -> sitk.Image
     return sitk.Clamp(img, sitk.sitkFloat32, float(lo), float(hi))
 
 
-def resample_spacing(img: sitk.Image, spacing, anti_alias: bool = True) -> sitk.Image:
+def resample_spacing(img: sitk.Image, spacing: npt.ArrayLike, anti_alias: bool = True) -> sitk.Image:
     """``img`` on a grid of ``spacing`` (mm per axis) with the same direction, centred on the same extent.
 
     With ``anti_alias`` a Gaussian of sigma ``sqrt(new^2 - old^2) / 2`` per axis
@@ -288,7 +302,7 @@ def _sampling_per_level(fixed: sitk.Image, p: RegistrationParams) -> list[float]
     return out
 
 
-def euler_from_matrix(matrix: np.ndarray, centre) -> sitk.Euler3DTransform:
+def euler_from_matrix(matrix: np.ndarray, centre: npt.ArrayLike) -> sitk.Euler3DTransform:
     """The rigid 4x4 ``matrix`` as an Euler transform rotating about ``centre`` (same point mapping)."""
     m = np.asarray(matrix, dtype=np.float64)
     c = np.asarray(centre, dtype=np.float64)
@@ -354,10 +368,12 @@ def register_rigid(
         if p.initialisation == "moments"
         else sitk.CenteredTransformInitializerFilter.GEOMETRY
     )
+    start: sitk.Euler3DTransform
     if initial is None:
-        initial = sitk.CenteredTransformInitializer(f_in, m_in, sitk.Euler3DTransform(), mode)
+        # given an Euler3DTransform the initialiser returns one (SimpleITK downcasts its result)
+        start = sitk.CenteredTransformInitializer(f_in, m_in, sitk.Euler3DTransform(), mode)
     else:
-        initial = euler_from_matrix(initial, volume_centre(f_in))
+        start = euler_from_matrix(initial, volume_centre(f_in))
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=p.histogram_bins)
@@ -378,7 +394,7 @@ def register_rigid(
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     else:
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    reg.SetInitialTransform(initial, inPlace=False)
+    reg.SetInitialTransform(start, inPlace=False)
 
     per_level: list[int] = []
     reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: per_level.append(0))
@@ -405,10 +421,11 @@ def register_rigid(
     euler = sitk.Euler3DTransform(out)
     matrix = transform_matrix(euler)
     overlap = foreground_overlap(f_in, m_in, euler)
+    tx, ty, tz = euler.GetTranslation()
     return RegistrationResult(
         transform=euler,
         matrix=matrix,
-        translation_mm=tuple(float(v) for v in euler.GetTranslation()),  # type: ignore[arg-type]
+        translation_mm=(float(tx), float(ty), float(tz)),
         rotation_deg=(
             math.degrees(euler.GetAngleX()),
             math.degrees(euler.GetAngleY()),
@@ -421,7 +438,7 @@ def register_rigid(
         overlap=overlap,
         iterations_per_level=tuple(per_level),
         params=p,
-        initial_matrix=transform_matrix(initial),
+        initial_matrix=transform_matrix(start),
     )
 
 
