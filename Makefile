@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fusion-node demo
 
-# Real DICOM peers for the tests: DCMTK, dicom3tools (dciodvfy), Orthanc.
-TEST_TOOLS := /usr/bin/storescu /usr/bin/dciodvfy /usr/sbin/Orthanc
+# Real peers for the tests: DCMTK, dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin.
+TEST_TOOLS := /usr/bin/storescu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 $(TEST_TOOLS):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+		dcmtk dicom3tools orthanc orthanc-dicomweb >/dev/null
 
-test: $(STAMP) $(TEST_TOOLS)
+# Static checks first (seconds), then the suite. pytest's exit code 5 (no tests ran) fails the run.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) $(TEST_TOOLS) lint
 	$(BIN)/fusion-node models fetch
 	FUSION_REQUIRE_WEIGHTS=1 $(BIN)/python -m pytest
 

@@ -28,11 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import append_section  # noqa: E402
-from dicom_node.config import parse_config  # noqa: E402
-from dicom_node.demo import LocalDestination, send_series  # noqa: E402
-from dicom_node.samples import shared_dir, write_synthetic_pair  # noqa: E402
-from dicom_node.service import Node  # noqa: E402
+from benchmarks.report import append_section
+from dicom_node.config import parse_config
+from dicom_node.workflow.node import Node
+from fusion_demo.demo import LocalDestination, send_series
+from fusion_demo.samples import shared_dir, write_synthetic_pair
 
 
 def main(argv=None) -> int:

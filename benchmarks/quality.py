@@ -26,15 +26,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.samples import harvard_pairs, load_image  # noqa: E402
-from fusion.api import merge_colour, split_colour  # noqa: E402
-from fusion.backend import resolve_device, to_device, to_numpy  # noqa: E402
-from fusion.dmf import DMFParams, dmf_blend, dmf_weights  # noqa: E402
-from fusion.gradients import exposure_gradients  # noqa: E402
-from fusion.intensity import to_unit  # noqa: E402
-from fusion.methods import available, get_method  # noqa: E402
-from fusion.metrics import papers  # noqa: E402
-from fusion.preview import montage  # noqa: E402
+from fusion.api import merge_colour, split_colour
+from fusion.backend import resolve_device, to_device, to_numpy
+from fusion.dmf import DMFParams, dmf_blend, dmf_weights
+from fusion.gradients import exposure_gradients
+from fusion.intensity import to_unit
+from fusion.methods import available, get_method
+from fusion.metrics import papers
+from fusion.preview import montage
+from fusion_demo.samples import harvard_pairs, load_image
 
 COLUMNS = ["EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM"]
 #: best published value per column (papers' evaluator, same pairs), from the issue
@@ -110,7 +110,7 @@ def run_subset(subset: str, limit, device: str, model, log) -> dict:
     for sharp in (1.0, SHARP):
         for key in ("Qabf", "MI"):
             trio = max((t for (t, s) in quick if s == sharp), key=lambda t: quick[t, sharp][key])
-            label = f"DMF {'+'.join(x.upper() for x in trio)} (VGG{', sharp %g' % sharp if sharp != 1 else ''}) [best {key}]"
+            label = f"DMF {'+'.join(x.upper() for x in trio)} (VGG{f', sharp {sharp:g}' if sharp != 1 else ''}) [best {key}]"
             search[label] = (trio, sharp)
     for label, (trio, sharp) in search.items():
         if label not in cands:

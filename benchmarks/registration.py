@@ -41,18 +41,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import registration_cases as rc  # noqa: E402
-from fusion.registration import RegistrationParams, register_rigid  # noqa: E402
-from fusion.registration_quality import assess_registration, check_sheet  # noqa: E402
+import registration_cases as rc
 
-SHARED = Path(os.environ.get("FUSION_SHARED_DIR", REPO.parent / "shared"))
+from fusion import environment
+from fusion.registration.quality import assess_registration, check_sheet
+from fusion.registration.rigid import RegistrationParams, register_rigid
+
+SHARED = environment.shared_dir()
 CIRS = SHARED / "data" / "cirs057a"
 DOC = REPO / "docs" / "registration.md"
 RAW = REPO / "docs" / "registration.json"
 PICTURE = REPO / "docs" / "registration-cirs.png"
 BEGIN, END = "<!-- BEGIN MEASURED (benchmarks/registration.py) -->", "<!-- END MEASURED -->"
 
-#: the defaults before issue 4 ("plain SimpleITK Mattes MI", DESIGN's measured starting point)
+#: the defaults before issue 4 ("plain SimpleITK Mattes MI", the measured starting point of docs/method.md)
 BASELINE = dict(smoothing_sigmas=(2.0, 1.0, 0.0), min_samples=0, clip_percentiles=None, working_spacing_mm=None,
                 isotropic_moving=False)
 
@@ -136,7 +138,7 @@ def cirs_pair(ct, mr) -> dict:
     write_picture(ct, mr, a)
     rng = np.random.default_rng(5)
     cons = []
-    for k in range(3):
+    for _k in range(3):
         axis, direction = rng.normal(size=3), rng.normal(size=3)
         angle, shift = float(rng.uniform(5, 15)), float(rng.uniform(10, 40))
         pm = rc.rigid(angle, axis, shift * direction / np.linalg.norm(direction), rc.centre(ct))

@@ -23,14 +23,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import append_section  # noqa: E402
-from dicom_node.samples import harvard_pairs, load_image, synthetic_pair  # noqa: E402
-from fusion.api import DEFAULT_TRIO  # noqa: E402
-from fusion.backend import array_module, resolve_device, to_device  # noqa: E402
-from fusion.dmf import DMFParams, dmf_blend, dmf_weights  # noqa: E402
-from fusion.gradients import exposure_gradients  # noqa: E402
-from fusion.intensity import to_unit  # noqa: E402
-from fusion.methods import get_method  # noqa: E402
+from benchmarks.report import append_section
+from fusion.api import DEFAULT_TRIO
+from fusion.backend import array_module, resolve_device, to_device
+from fusion.dmf import DMFParams, dmf_blend, dmf_weights
+from fusion.gradients import exposure_gradients
+from fusion.intensity import to_unit
+from fusion.methods import get_method
+from fusion_demo.samples import harvard_pairs, load_image, synthetic_pair
 
 
 def load_stack(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:

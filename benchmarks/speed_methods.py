@@ -19,12 +19,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import append_section  # noqa: E402
-from benchmarks.speed import load_stack, timed  # noqa: E402
-from fusion.api import DEFAULT_TRIO, dmf_stack  # noqa: E402
-from fusion.backend import array_module, resolve_device, to_device  # noqa: E402
-from fusion.intensity import to_unit  # noqa: E402
-from fusion.methods import available, get_method  # noqa: E402
+from benchmarks.report import append_section
+from benchmarks.speed import load_stack, timed
+from fusion.api import DEFAULT_TRIO, dmf_stack
+from fusion.backend import array_module, resolve_device, to_device
+from fusion.intensity import to_unit
+from fusion.methods import available, get_method
 
 
 def main(argv=None) -> int:

@@ -16,12 +16,20 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dicom_node import logs
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeSettings
+    from dicom_node.index.store import Store
+    from dicom_node.outbox import Outbox
+    from dicom_node.workflow.jobs import JobQueue
+    from fusion.features import VGG16Features
 
 log = logging.getLogger("dicom_node.cli")
 
@@ -42,19 +50,7 @@ def _trio(text: str) -> tuple[str, ...]:
     return names
 
 
-def _save(path: Path, img: np.ndarray) -> None:
-    from fusion.intensity import to_uint8
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".npy":
-        np.save(path, img.astype(np.float32))
-        return
-    from PIL import Image
-
-    Image.fromarray(to_uint8(img)).save(path)
-
-
-def _load_model_or_fail(feature_source: str, device: str):
+def _load_model_or_fail(feature_source: str, device: str) -> VGG16Features | None:
     """The VGG model when DMF needs it, turning missing weights into an operator message."""
     if feature_source != "vgg":
         return None
@@ -69,24 +65,24 @@ def _load_model_or_fail(feature_source: str, device: str):
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from dicom_node.samples import load_image
     from fusion import fuse
-    from fusion.api import default_trio
+    from fusion.api import resolve_trio
+    from fusion.imageio import read_image, write_image
 
     for p in (args.base, args.overlay):
         if not p.exists():
             raise CliError(f"input not found: {p}")
-    a, b = load_image(args.base), load_image(args.overlay)
+    a, b = read_image(args.base), read_image(args.overlay)
     model = _load_model_or_fail(args.feature_source, args.device) if args.method == "dmf" else None
     t0 = time.perf_counter()
     try:
-        colour_overlay = b.ndim == 3 and b.shape[-1] == 3  # pseudo-colour PET/SPECT
-        trio = args.trio or default_trio("PT" if colour_overlay else "CT")
+        # the library's rule: the overlay's modality when given, else colour = PET, grey = CT
+        trio = resolve_trio(args.trio, args.modality, colour=b.ndim == 3 and b.shape[-1] == 3)
         out = fuse(a, b, method=args.method, trio=trio, device=args.device,
                    feature_source=args.feature_source, model=model)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    _save(args.output, out)
+    write_image(args.output, out)
     log.info("fuse.done", extra=logs.fields(method=args.method, trio=",".join(trio),
                                              seconds=round(time.perf_counter() - t0, 3), output=str(args.output)))
     print(args.output)
@@ -118,11 +114,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from dicom_node import provision
     from fusion import weights
 
     if args.action == "fetch":
         try:
-            path = weights.fetch_vgg16(force=args.force)
+            path = provision.fetch_vgg16(force=args.force)
         except weights.WeightsUnavailableError as exc:
             raise CliError(str(exc), EXIT_RESOURCE) from exc
         print(f"VGG16 weights ready: {path}")
@@ -134,14 +131,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dicom_node import demo
+    from fusion_demo import demo
 
     if args.pairs_only:
         return demo.run_pair_demo(args.out, device=args.device, max_pairs=args.pairs)
     return demo.run_node_demo(args.out, device=args.device, sample=args.sample)
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> NodeSettings:
     from dicom_node.config import ConfigError, load_config
 
     try:
@@ -163,7 +160,7 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
 
     node = Node(_settings(args)).start()
     cfg = node.settings.node
@@ -173,18 +170,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     aes = [cfg.ae_title, *(p.ae_title for p in node.settings.pipelines if p.ae_title)]
     print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C stops", flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: node._stop.set())
+        signal.signal(sig, lambda *_: node.request_stop())
     node.wait()
     node.stop()
     return 0
 
 
-def _offline_node(args: argparse.Namespace):
+def _offline_node(args: argparse.Namespace) -> tuple[NodeSettings, Store, JobQueue, Outbox]:
     """The node's database parts without the network side, for inspection commands."""
-    from dicom_node.jobs import JobQueue
+    from dicom_node.index.store import Store
     from dicom_node.outbox import Outbox
-    from dicom_node.pairing import Pairing
-    from dicom_node.store import Store
+    from dicom_node.workflow.jobs import JobQueue
 
     settings = _settings(args)
     db_path = settings.storage.database_path
@@ -192,11 +188,11 @@ def _offline_node(args: argparse.Namespace):
     outbox = Outbox(db_path, settings, recover_interrupted=False)  # a running node may own 'sending' rows
     for part in (store, jobs, outbox):
         part.ensure_schema()
-    return settings, store, jobs, outbox, Pairing(settings, store, jobs)
+    return settings, store, jobs, outbox
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _, store, jobs, outbox, _ = _offline_node(args)
+    _, store, jobs, outbox = _offline_node(args)
     print("series:", store.counts())
     print("jobs:  ", jobs.counts())
     print("outbox:", outbox.summary())
@@ -204,18 +200,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    _, _, _, _, pairing = _offline_node(args)
+    from dicom_node.workflow.pairing import Pairing
+    from dicom_node.workflow.settle import Settler
+
+    settings, store, jobs_queue, _ = _offline_node(args)
     try:
-        pairing.trigger(args.series_uid)
+        Settler(settings, store).trigger(args.series_uid)
     except KeyError as exc:
         raise CliError(str(exc)) from exc
-    jobs = pairing.pair_settled()
+    jobs = Pairing(settings, store, jobs_queue).pair_settled()
     print(f"series {args.series_uid} settled; new jobs: {jobs or 'none (partner missing or job exists)'}")
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    _, _, jobs, _, _ = _offline_node(args)
+    _, _, jobs, _ = _offline_node(args)
     if args.action == "retry":
         for job_id in args.ids:
             jobs.requeue(job_id)
@@ -236,7 +235,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    _, _, _, outbox, _ = _offline_node(args)
+    _, _, _, outbox = _offline_node(args)
     if args.action == "retry":
         n = outbox.retry(args.ids or None, destination=args.destination)
         print(f"{n} item(s) due again; a running node sends them")
@@ -248,6 +247,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fusion.api import fusion_methods
+
     p = argparse.ArgumentParser(prog="fusion-node", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -257,9 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("base", type=Path, help="anatomical image (MRI)")
     f.add_argument("overlay", type=Path, help="CT, PET or SPECT image (colour kept in chroma)")
     f.add_argument("-o", "--output", type=Path, required=True, help="output .png (8-bit) or .npy (float32 0..1)")
-    f.add_argument("--method", default="dmf", help="dmf (default) or a single method: adf, cbf, fpde")
+    f.add_argument("--method", default="dmf", type=str.lower, choices=fusion_methods(),
+                   help=f"fusion method (default dmf): {', '.join(fusion_methods())}")
+    f.add_argument("--modality", type=str.upper, choices=("CT", "PT", "NM"), default=None,
+                   help="the overlay's modality, which picks DMF's default trio "
+                        "(default: PT for a colour overlay, CT for a grey one)")
     f.add_argument("--trio", type=_trio, default=None,
-                   help="DMF exposures, e.g. adf,cbf,fpde (default: per modality, CT's when unknown)")
+                   help="DMF exposures, e.g. cbf,tif,wls (default: per modality, see --modality)")
     f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     f.add_argument("--feature-source", default="vgg", choices=("vgg", "image"),
                    help="gradients from VGG16 features (default) or the plain image")

@@ -12,14 +12,25 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dicom_node.errors import NodeError
 
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
 
-class ConfigError(ValueError):
+class ConfigError(NodeError, ValueError):
     """The configuration is unusable; the message names the key and what to change."""
 
 
@@ -74,7 +85,7 @@ class NodeTLS(_Model):
     require_client_certificate: bool = True
 
     @model_validator(mode="after")
-    def _complete(self) -> "NodeTLS":
+    def _complete(self) -> NodeTLS:
         if self.enabled:
             missing = [k for k in ("certificate", "private_key") if getattr(self, k) is None]
             if missing:
@@ -110,7 +121,7 @@ class NodeConfig(_Model):
     _addresses = field_validator("allowed_addresses")(_check_networks)
 
     @model_validator(mode="after")
-    def _listeners(self) -> "NodeConfig":
+    def _listeners(self) -> NodeConfig:
         if not self.plain_enabled and not self.tls.enabled:
             raise ValueError("plain_enabled = false needs [node.tls] enabled = true, or the node would not listen at all")
         if self.plain_enabled and self.tls.enabled and self.port == self.tls.port != 0:
@@ -150,13 +161,16 @@ class DestinationTLS(_Model):
     verify_hostname: bool = True
 
     @model_validator(mode="after")
-    def _pair(self) -> "DestinationTLS":
+    def _pair(self) -> DestinationTLS:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("set both certificate and private_key (the client certificate and its key), or neither")
         return self
 
 
-class Destination(_Model):
+class DicomDestination(_Model):
+    """A DICOM peer reached by C-STORE (a PACS, a workstation); also a possible C-MOVE target."""
+
+    kind: Literal["dicom"] = "dicom"
     name: str
     ae_title: str
     host: str
@@ -165,6 +179,68 @@ class Destination(_Model):
     tls: DestinationTLS | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
+
+
+class DicomWebDestination(_Model):
+    """A DICOMweb service reached by STOW-RS (PS3.18 10.5): ``POST <url>/studies``.
+
+    Credentials: ``token`` (HTTP Bearer) or ``username``/``password`` (HTTP
+    Basic), or neither.  Prefer ``token_file``/``password_file`` (a file holding
+    only the secret, readable by the node's user) over writing secrets here.
+    """
+
+    kind: Literal["dicomweb"]
+    name: str
+    #: base URL of the DICOMweb service, e.g. "https://pacs.example.org/dicom-web" (no trailing /studies)
+    url: str
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    token: str | None = None
+    token_file: Path | None = None
+    #: PEM CA certificate(s) that signed the server's certificate (https); unset = the system trust store
+    ca_certificates: Path | None = None
+    #: seconds for connecting and for each read of the response
+    timeout_s: float = Field(60.0, gt=0)
+    #: instances per STOW-RS request (one multipart body)
+    batch_size: int = Field(50, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL; write e.g. 'http://127.0.0.1:8042/dicom-web'")
+        if v.endswith("/studies"):
+            raise ValueError("give the DICOMweb base URL without '/studies' (the node appends it)")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> DicomWebDestination:
+        basic = self.username is not None or self.password is not None or self.password_file is not None
+        bearer = self.token is not None or self.token_file is not None
+        if basic and bearer:
+            raise ValueError("use either token/token_file (Bearer) or username/password (Basic), not both")
+        if (self.password is not None or self.password_file is not None) and self.username is None:
+            raise ValueError("a password needs a username")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
+
+def _destination_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "dicom"))
+    return str(getattr(value, "kind", "dicom"))
+
+
+#: a destination is chosen by its ``kind`` ("dicom" when absent); the outbox has one sender per kind
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 class SeriesSelector(_Model):
@@ -192,7 +268,7 @@ class SeriesSelector(_Model):
 
 
 class QualityConfig(_Model):
-    """Limits of an acceptable registration (fusion.registration_quality.QualityThresholds; docs/registration.md)."""
+    """Limits of an acceptable registration (fusion.registration.quality.QualityThresholds; docs/registration.md)."""
 
     #: least overlap of the two volumes' supports, |F & M| / min(|F|, |M|)
     min_overlap: float = Field(0.5, ge=0, le=1)
@@ -240,7 +316,9 @@ class Pipeline(_Model):
     #: a settled series whose partner has not settled after this long is given up (logged)
     partner_timeout_s: float = Field(3600.0, gt=0)
     destinations: list[str] = []
-    #: DMF exposures; empty = the default for the non-MR modality (fusion.api.DEFAULT_TRIOS)
+    #: the fusion method: "dmf", or any method registered in fusion.methods (one module each)
+    method: str = "dmf"
+    #: DMF exposures; empty = the default for the non-MR modality (fusion.api.resolve_trio)
     trio: list[str] = []
     feature_source: Literal["vgg", "image"] = "vgg"
     #: CT window as [centre, width] in HU; empty = from the header, else a brain window
@@ -258,11 +336,21 @@ class Pipeline(_Model):
     _addresses = field_validator("allowed_addresses")(_check_networks)
 
     @model_validator(mode="after")
-    def _access(self) -> "Pipeline":
+    def _access(self) -> Pipeline:
         if self.ae_title is None and (self.allowed_callers or self.allowed_addresses):
             raise ValueError("allowed_callers/allowed_addresses of a pipeline apply to associations called to its "
                              "ae_title; set ae_title, or put the lists under [node]")
         return self
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from fusion.api import fusion_methods
+
+        v = v.strip().lower()
+        if v not in fusion_methods():
+            raise ValueError(f"unknown fusion method {v!r}; available: {', '.join(fusion_methods())}")
+        return v
 
     @field_validator("trio")
     @classmethod
@@ -323,7 +411,7 @@ class NodeSettings(_Model):
         return v
 
     @model_validator(mode="after")
-    def _references(self) -> "NodeSettings":
+    def _references(self) -> NodeSettings:
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError("destination names must be unique")
@@ -334,14 +422,18 @@ class NodeSettings(_Model):
             for d in p.destinations:
                 if d not in names:
                     raise ValueError(f"pipeline {p.name!r} sends to unknown destination {d!r}; define it under [[destinations]]")
+        dicom_names = {d.name for d in self.dicom_destinations()}
         for d in self.query_retrieve.move_destinations:
             if d not in names:
                 raise ValueError(f"query_retrieve.move_destinations names unknown destination {d!r}; "
                                  "define it under [[destinations]]")
+            if d not in dicom_names:
+                raise ValueError(f"query_retrieve.move_destinations names {d!r}, a DICOMweb destination; "
+                                 "C-MOVE sends over DICOM, so name a destination of kind \"dicom\"")
         return self
 
     @model_validator(mode="after")
-    def _called_ae_titles(self) -> "NodeSettings":
+    def _called_ae_titles(self) -> NodeSettings:
         seen = {self.node.ae_title.strip(): "node.ae_title"}
         for p in self.pipelines:
             if p.ae_title is None:
@@ -352,11 +444,15 @@ class NodeSettings(_Model):
             seen[p.ae_title] = f"pipeline {p.name!r}"
         return self
 
-    def destination(self, name: str) -> Destination:
+    def destination(self, name: str) -> DicomDestination | DicomWebDestination:
         for d in self.destinations:
             if d.name == name:
                 return d
         raise KeyError(name)
+
+    def dicom_destinations(self) -> list[DicomDestination]:
+        """The destinations reached over DICOM (the only possible C-MOVE targets)."""
+        return [d for d in self.destinations if isinstance(d, DicomDestination)]
 
 
 def load_config(path: Path) -> NodeSettings:
@@ -389,17 +485,18 @@ def parse_config(raw: dict, base_dir: Path | None = None, source: str = "config"
 
 
 _TLS_FILE_KEYS = ("certificate", "private_key", "ca_certificates")
+M = TypeVar("M", bound=_Model)
 
 
-def _tls_paths(model: _Model, key_prefix: str, base_dir: Path | None, source: str, *, check: bool = True,
-               owner: str = "") -> _Model:
+def _tls_paths(model: M, key_prefix: str, base_dir: Path | None, source: str, *, check: bool = True,
+               owner: str = "", keys: tuple[str, ...] = _TLS_FILE_KEYS) -> M:
     """The TLS section with its paths made absolute (relative to the config file) and checked now.
 
     A missing key file found at start-up is a clear message; found at the
     first association, it is a refused connection at 3 a.m.
     """
     update = {}
-    for key in _TLS_FILE_KEYS:
+    for key in keys:
         path = getattr(model, key)
         if path is None:
             continue
@@ -424,17 +521,22 @@ def _tls_files(cfg: NodeSettings, base_dir: Path | None, source: str) -> NodeSet
     node = cfg.node
     # paths of a disabled listener are made absolute too, but only checked when it is enabled
     node = node.model_copy(update={"tls": _tls_paths(node.tls, "node.tls", base_dir, source, check=node.tls.enabled)})
-    destinations = [
-        d if d.tls is None else d.model_copy(update={"tls": _tls_paths(
-            d.tls, f"destinations.{i}.tls", base_dir, source, owner=f" (destination {d.name!r})")})
-        for i, d in enumerate(cfg.destinations)
-    ]
+    destinations: list[DicomDestination | DicomWebDestination] = []
+    for i, d in enumerate(cfg.destinations):
+        owner = f" (destination {d.name!r})"
+        if isinstance(d, DicomWebDestination):
+            d = _tls_paths(d, f"destinations.{i}", base_dir, source, owner=owner,
+                           keys=("ca_certificates", "token_file", "password_file"))
+        elif d.tls is not None:
+            d = d.model_copy(update={"tls": _tls_paths(d.tls, f"destinations.{i}.tls", base_dir, source, owner=owner)})
+        destinations.append(d)
     return cfg.model_copy(update={"node": node, "destinations": destinations})
 
 
 EXAMPLE_TOML = """\
 # dicom-fusion-node configuration. Every key is optional unless marked required;
-# the value shown is the default.
+# the value shown is the default (tests/test_config.py checks), except for keys that
+# have none (TLS files, destinations, pipelines), which show an example.
 
 # Prefix of every UID the node creates (fused series, instances, REG objects).
 # Replace with your organisation's registered root.
@@ -500,8 +602,10 @@ enabled = true
 move_destinations = []
 
 # Where fused series go. Add one block per PACS or workstation.
+# kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).
 [[destinations]]
 name = "pacs"
+kind = "dicom"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = 4242
@@ -513,6 +617,19 @@ port = 4242
 # private_key = "tls/node-key.pem"
 # verify_hostname = true               # the certificate must name `host` (DNS name or IP address)
 
+# A DICOMweb destination (STOW-RS): the service's base URL, without /studies.
+# Credentials: token or token_file (Bearer), or username with password or password_file (Basic).
+# [[destinations]]
+# name = "web-pacs"
+# kind = "dicomweb"
+# url = "https://pacs.example.org/dicom-web"
+# token_file = "secrets/pacs-token"     # a file holding only the token, readable by the node's user
+# username = "fusion"
+# password_file = "secrets/pacs-password"
+# ca_certificates = "tls/pacs-ca.pem"   # CA(s) of an https server; omit = the system trust store
+# timeout_s = 60
+# batch_size = 50                       # instances per STOW-RS request
+
 # A pipeline pairs a base series with an overlay series and fuses them.
 [[pipelines]]
 name = "mr-ct"
@@ -521,6 +638,9 @@ name = "mr-ct"
 match = "study"
 partner_timeout_s = 3600
 destinations = ["pacs"]
+# The fusion method: "dmf", or any single method of fusion.methods
+# (adf, cbf, fpde, gfce, mdlatlrr, mgff, tif, wls; `fusion-node fuse --help` lists them).
+method = "dmf"
 # DMF exposures; [] = default per modality (CT: cbf,tif,wls; PET/SPECT: adf,cbf,tif; docs/quality.md)
 trio = []
 feature_source = "vgg"
@@ -538,12 +658,12 @@ allowed_addresses = []
 [pipelines.base]
 modality = ["CT"]
 description = ""       # regular expression on SeriesDescription, case-insensitive
-min_instances = 10
+min_instances = 1      # fewer instances than this: not this pipeline's series (e.g. a scout)
 
 [pipelines.overlay]
 modality = ["MR"]
 description = ""
-min_instances = 10
+min_instances = 1
 
 [pipelines.registration]
 enabled = true

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any, TextIO
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,19 +36,19 @@ class JsonFormatter(logging.Formatter):
 _LIBRARY_LEVELS = {"pynetdicom": "WARNING", "pydicom": "ERROR"}
 
 
-class _CurrentStderr(logging.StreamHandler):
+class _CurrentStderr(logging.StreamHandler[TextIO]):
     """Writes to whatever ``sys.stderr`` is when a record is emitted (test runners swap it)."""
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:
+    def stream(self, value: TextIO) -> None:
         pass
 
 
-def setup(level: str = "INFO", stream=None) -> None:
+def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route our loggers (and the DICOM libraries' warnings) to one JSON stream (stderr by default).
 
     pydicom's ``warnings`` (e.g. "Invalid value for VR ...") quote element values,
@@ -65,6 +66,6 @@ def setup(level: str = "INFO", stream=None) -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
-def fields(**kw) -> dict:
+def fields(**kw: Any) -> dict[str, dict[str, Any]]:
     """``extra=`` argument carrying structured fields: ``log.info("x.done", extra=fields(n=3))``."""
     return {"fields": kw}

@@ -8,10 +8,11 @@ inputs (PET/SPECT pseudo-colour) are fused in luminance with their chroma kept
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from fusion.backend import array_module, is_gpu_array, to_device, to_numpy, resolve_device
+from fusion.backend import array_module, is_gpu_array, resolve_device, to_device, to_numpy
 from fusion.dmf import DMFParams, dmf_blend, dmf_weights
 from fusion.gradients import FeatureSource, exposure_gradients
 from fusion.intensity import rgb_to_ycbcr, to_unit, ycbcr_to_rgb
@@ -30,9 +31,28 @@ DEFAULT_TRIO = DEFAULT_TRIOS["CT"]
 DEFAULT_LAYERS = ("relu1_2", "relu2_2")
 
 
+#: what an overlay is taken to be when nobody says: colour images are PET/SPECT renderings, grey ones CT
+ASSUMED_COLOUR_MODALITY = "PT"
+ASSUMED_GREY_MODALITY = "CT"
+
+
 def default_trio(modality: str) -> tuple[str, ...]:
     """The DMF trio for fusing an MRI with ``modality`` (DICOM code: CT, PT, NM; others get CT's)."""
     return DEFAULT_TRIOS.get(modality.upper(), DEFAULT_TRIO)
+
+
+def resolve_trio(trio: Sequence[str] | None, modality: str | None = None, colour: bool = False) -> tuple[str, ...]:
+    """The one default-trio rule of the library, the CLI and the node.
+
+    An explicit ``trio`` wins.  Else the default for the overlay's ``modality``
+    (DICOM code: CT, PT, NM); when the modality is not known, a colour overlay is
+    taken as PET and a grey one as CT.
+    """
+    if trio:
+        return tuple(m.lower() for m in trio)
+    if modality is None:
+        modality = ASSUMED_COLOUR_MODALITY if colour else ASSUMED_GREY_MODALITY
+    return default_trio(modality)
 
 
 @dataclass
@@ -102,40 +122,61 @@ def merge_colour(fused_y: Any, chroma: Any) -> Any:
     return ycbcr_to_rgb(xp.concatenate([fused_y[..., None], chroma], axis=-1))
 
 
+def fusion_methods() -> list[str]:
+    """Every name ``fuse``/``fuse_grey`` take as ``method``: ``dmf`` and the registered single methods."""
+    return ["dmf", *available_methods()]
+
+
+def fuse_grey(
+    a: Any,
+    b: Any,
+    *,
+    method: str = "dmf",
+    trio: Sequence[str] = DEFAULT_TRIO,
+    feature_source: FeatureSource = "vgg",
+    model: Any = None,
+    params: DMFParams = DMFParams(),
+) -> Any:
+    """Fuse two registered grey stacks ``(S, H, W)`` on 0..1 with ``method``, on their own device."""
+    name = method.lower()
+    if name == "dmf":
+        return dmf_stack(a, b, trio=trio, feature_source=feature_source, model=model, params=params).fused
+    if name in available_methods():
+        return get_method(name)(a, b)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(fusion_methods())}")
+
+
 def fuse(
     a: Any,
     b: Any,
     method: str = "dmf",
-    trio: Sequence[str] = DEFAULT_TRIO,
+    trio: Sequence[str] | None = None,
     device: str = "auto",
     feature_source: FeatureSource = "vgg",
     params: DMFParams = DMFParams(),
     model: Any = None,
+    modality: str | None = None,
 ) -> Any:
     """Fuse anatomical image ``a`` (MRI) with ``b`` (CT, PET, SPECT).
 
     ``a``/``b``: ``(H, W)``, ``(S, H, W)``, or with a trailing RGB axis; integer
     images are scaled by their dtype's range, floats are taken as 0..1.  The two
     must already be registered and of equal size.  ``method`` is ``"dmf"`` or any
-    single method of ``fusion.methods``.  Returns float32 on 0..1, grey of the
+    single method of ``fusion.methods``.  ``trio`` (DMF's exposures) defaults by
+    :func:`resolve_trio` from ``modality``, the overlay's DICOM modality (CT, PT,
+    NM), or from whether ``b`` is colour.  Returns float32 on 0..1, grey of the
     input's shape, or RGB when either input is colour, as NumPy unless the input
     was CuPy.
     """
     return_gpu = is_gpu_array(a)
     dev = resolve_device(device)
+    trio = resolve_trio(trio, modality, colour=_is_rgb(b))
     a, b, chroma = split_colour(to_unit(to_device(a, dev)), to_unit(to_device(b, dev)))
     single = a.ndim == 2
     a3, b3 = (a[None], b[None]) if single else (a, b)
     if a3.ndim != 3:
         raise ValueError(f"expected a slice (H, W) or a stack (S, H, W), got shape {a.shape}")
-
-    name = method.lower()
-    if name == "dmf":
-        fused = dmf_stack(a3, b3, trio=trio, feature_source=feature_source, model=model, params=params).fused
-    elif name in available_methods():
-        fused = get_method(name)(a3, b3)
-    else:
-        raise ValueError(f"unknown method {method!r}; choose 'dmf' or one of {', '.join(available_methods())}")
+    fused = fuse_grey(a3, b3, method=method, trio=trio, feature_source=feature_source, model=model, params=params)
     if single:
         fused = fused[0]
     fused = merge_colour(fused, chroma)

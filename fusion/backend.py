@@ -6,25 +6,27 @@ CPU with NumPy/SciPy and on the GPU with CuPy/cupyx.  Callers decide where the
 data lives; this module only answers "which library handles this array" and
 moves arrays without copies where the hardware allows it (DLPack on the GPU).
 
-``FUSION_DEVICE`` (``auto`` | ``cpu`` | ``cuda``) is the one environment switch;
-an explicit ``device=`` argument always wins over it.
+``FUSION_DEVICE`` (``auto`` | ``cpu`` | ``cuda``, ``fusion.environment``) is
+the default; an explicit ``device=`` argument always wins over it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
+
+from fusion import environment
+from fusion.errors import FusionError
 
 Device = Literal["cpu", "cuda"]
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ENV_DEVICE = "FUSION_DEVICE"
 
 
-class DeviceUnavailableError(RuntimeError):
+class DeviceUnavailableError(FusionError):
     """Raised when ``cuda`` is asked for explicitly but no usable GPU/CuPy is present."""
 
 
@@ -32,12 +34,12 @@ class DeviceUnavailableError(RuntimeError):
 def _cupy() -> ModuleType | None:
     """Import CuPy once; ``None`` when it is missing or sees no GPU."""
     try:
-        import cupy  # type: ignore[import-not-found]
+        import cupy
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return None
         return cupy
-    except Exception:  # ImportError, CUDA driver errors: both mean "no GPU path"
+    except Exception:  # noqa: BLE001 - ImportError, CUDA driver errors: both mean "no GPU path"
         return None
 
 
@@ -48,23 +50,29 @@ def cuda_available() -> bool:
 
 def resolve_device(device: str | None = None) -> Device:
     """Turn ``auto``/``cpu``/``cuda`` (or ``None`` = the environment) into a concrete device."""
-    choice = (device or os.environ.get(ENV_DEVICE) or "auto").lower()
+    choice = (device or environment.device() or "auto").lower()
     if choice not in DEVICE_CHOICES:
         raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {choice!r}")
     if choice == "auto":
         return "cuda" if cuda_available() else "cpu"
-    if choice == "cuda" and not cuda_available():
-        raise DeviceUnavailableError(
-            "device 'cuda' requested but CuPy with a CUDA GPU is not available; "
-            "install the extra `pip install dicom-fusion-node[gpu]` on a GPU machine "
-            "or use device 'cpu'/'auto'"
-        )
-    return choice  # type: ignore[return-value]
+    if choice == "cuda":
+        if not cuda_available():
+            raise DeviceUnavailableError(
+                "device 'cuda' requested but CuPy with a CUDA GPU is not available; "
+                "install the extra `pip install dicom-fusion-node[gpu]` on a GPU machine "
+                "or use device 'cpu'/'auto'"
+            )
+        return "cuda"
+    return "cpu"
 
 
 def xp_for(device: str | None = None) -> ModuleType:
     """The array module for a device: NumPy for ``cpu``, CuPy for ``cuda``."""
-    return _cupy() if resolve_device(device) == "cuda" else np  # type: ignore[return-value]
+    if resolve_device(device) == "cuda":
+        cp = _cupy()
+        assert cp is not None  # resolve_device says "cuda" only after _cupy() (cached) found a GPU
+        return cp
+    return np
 
 
 def array_module(x: Any) -> ModuleType:
@@ -81,7 +89,7 @@ def ndimage_for(xp: ModuleType) -> ModuleType:
         import scipy.ndimage as ndi
 
         return ndi
-    import cupyx.scipy.ndimage as cndi  # type: ignore[import-not-found]
+    import cupyx.scipy.ndimage as cndi
 
     return cndi
 

@@ -54,6 +54,10 @@ def _check_layers(layers: Iterable[str]) -> tuple[str, ...]:
 class VGG16Features(nn.Module):
     """VGG16 conv1_1..conv3_3 with ImageNet normalisation and named ReLU taps."""
 
+    # buffers registered in __init__; declared so they read as tensors, not ``Tensor | Module``
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, layers: Sequence[str] = DEFAULT_LAYERS) -> None:
         super().__init__()
         self.layers = _check_layers(layers)
@@ -102,7 +106,7 @@ class VGG16Features(nn.Module):
 
 @functools.lru_cache(maxsize=4)
 def _state_dict(weights_path: str | None) -> dict[str, torch.Tensor]:
-    return _weights.load_vgg16_state_dict(weights_path, allow_download=False)
+    return _weights.load_vgg16_state_dict(weights_path)
 
 
 def load_vgg16(

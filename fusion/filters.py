@@ -76,12 +76,12 @@ def structure_tensor_eig(j11: Any, j12: Any, j22: Any) -> tuple[Any, Any]:
     return xp.sqrt(lam), 0.5 * xp.arctan2(2 * j12, j11 - j22)
 
 
-def window_sum(x: Any, l: int) -> Any:  # noqa: E741 - l is the paper's symbol
+def window_sum(x: Any, l: int) -> Any:
     """Sum over a (2l+1)x(2l+1) window around each pixel (mirrored borders)."""
     return window_mean(x, l) * (2 * l + 1) ** 2
 
 
-def window_mean(x: Any, l: int) -> Any:  # noqa: E741
+def window_mean(x: Any, l: int) -> Any:
     """Mean over a (2l+1)x(2l+1) window around each pixel (mirrored borders)."""
     if l < 0:
         raise ValueError(f"window half-size l must be >= 0, got {l}")
@@ -92,7 +92,7 @@ def window_mean(x: Any, l: int) -> Any:  # noqa: E741
 
 @functools.lru_cache(maxsize=1)
 def _wrapped_diff_kernel() -> Any:
-    import cupy as cp  # type: ignore[import-not-found]
+    import cupy as cp
 
     return cp.ElementwiseKernel(
         "T a, T b, T period",

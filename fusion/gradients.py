@@ -14,7 +14,8 @@ exposure.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from fusion.backend import array_module, from_torch, to_torch, torch_device_for
 from fusion.filters import gaussian_derivative_kernels, gradient_magnitude_orientation, structure_tensor_eig

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fusion.backend import to_numpy
 
+if TYPE_CHECKING:
+    from PIL import Image, ImageFont
 
-def _as_rgb8(img) -> np.ndarray:
+
+def _as_rgb8(img: object) -> np.ndarray:
     arr = to_numpy(img)
     if arr.dtype != np.uint8:
         arr = np.clip(np.floor(arr.astype(np.float64) * 255 + 0.5), 0, 255).astype(np.uint8)
@@ -18,7 +22,7 @@ def _as_rgb8(img) -> np.ndarray:
     return arr
 
 
-def _font(size: int = 12):
+def _font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """Pillow's bundled scalable font (readable spacing); its old bitmap font where FreeType is missing."""
     from PIL import ImageFont
 
@@ -28,7 +32,7 @@ def _font(size: int = 12):
         return ImageFont.load_default()
 
 
-def montage(rows: Sequence[Sequence[object]], labels: Sequence[Sequence[str]] | None = None, pad: int = 4, label_h: int = 14):
+def montage(rows: Sequence[Sequence[object]], labels: Sequence[Sequence[str]] | None = None, pad: int = 4, label_h: int = 14) -> Image.Image:
     """A grid of images (grey or RGB, 0..1 floats or uint8) with a caption above each.
 
     Returns a ``PIL.Image``; tiles of different sizes are centred in cells of the
@@ -102,7 +106,7 @@ def _physical(img: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
 
 def registration_sheet(base: np.ndarray, before: np.ndarray, after: np.ndarray,
                        spacing_zyx: Sequence[float], names: tuple[str, str] = ("base", "overlay"),
-                       title: str = ""):
+                       title: str = "") -> Image.Image:
     """Orthogonal slices through the base's centre: base, overlay before and after registration, and checkerboards.
 
     ``base``, ``before`` and ``after`` are ``(z, y, x)`` volumes on the base grid

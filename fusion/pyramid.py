@@ -1,7 +1,7 @@
 """Gaussian/Laplacian pyramids and the multi-resolution spline blend.
 
 A port of the Burt-Adelson pyramid as used by Mertens' exposure fusion (VIFB
-``methods/CNN/pyramid``), exact to ``../shared/reference/SPEC.md`` section 1.4:
+``methods/CNN/pyramid``), exact to the VIFB pyramid code (docs/ports.md, the blend):
 5-tap ``[1 4 6 4 1]/16`` filter, symmetric borders when reducing, replicate-pad
 plus zero-padded filtering when expanding, and the odd-size crop.  Blending in
 a pyramid instead of per pixel is what keeps hard weight maps from leaving
@@ -13,7 +13,8 @@ All functions act on the last two axes; leading axes are a batch.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

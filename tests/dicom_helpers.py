@@ -284,3 +284,33 @@ def json_logs(*names: str, level: int = logging.INFO) -> Iterator[JsonLog]:
         for lg, old in zip(loggers, levels):
             lg.removeHandler(handler)
             lg.setLevel(old)
+
+
+class RunningSCP:
+    """A started node listener plus what tests look at beside it: its store and its config."""
+
+    def __init__(self, cfg, store, *, query_retrieve: bool = False) -> None:
+        from dicom_node.net.listener import Listener
+        from dicom_node.net.query_retrieve import QueryRetrieveService
+        from dicom_node.net.storage_scp import StorageService
+
+        services = [StorageService(store)] + ([QueryRetrieveService(cfg, store)] if query_retrieve else [])
+        self.cfg, self.store = cfg, store
+        self.listener = Listener(cfg, services).start()
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    @property
+    def tls_port(self) -> int | None:
+        return self.listener.tls_port
+
+    def stop(self) -> None:
+        self.listener.stop()
+
+    def __enter__(self) -> RunningSCP:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

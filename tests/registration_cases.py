@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from fusion.registration import volume_centre as centre
+from fusion.registration.rigid import volume_centre as centre
 
 #: base (fixed) voxel size for the accuracy cases: the CIRS CT (0.66 x 0.66 x 1.25 mm) anti-aliased to this
 BASE_SPACING_MM = (2.0, 2.0, 2.5)
@@ -70,7 +70,7 @@ class Case:
 @functools.lru_cache(maxsize=2)
 def load_cirs(cirs_dir: str) -> tuple[sitk.Image, sitk.Image]:
     """(CT, MR) of the CIRS 057A pair as float32 LPS volumes (cached per process)."""
-    from dicom_node.volume import load_series
+    from dicom_node.dicom.volume import load_series
 
     d = Path(cirs_dir)
     ct = load_series(sorted((d / "CT").glob("*.dcm"))).image

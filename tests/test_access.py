@@ -1,6 +1,6 @@
 """Access control: who may associate, the exact A-ASSOCIATE-RJ the others get, and routing by called AE title.
 
-The decision itself (``dicom_node.access``) is checked as a pure function;
+The decision itself (``dicom_node.net.access``) is checked as a pure function;
 every rule is then observed from the caller's side over real sockets, with
 DCMTK ``echoscu``/``storescu`` (what a modality sees) and with pynetdicom (the
 rejection primitive's result/source/reason).
@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+from dicom_helpers import UID_PREFIX, RunningSCP, dcmtk, json_logs, make_image, write
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_helpers import UID_PREFIX, dcmtk, json_logs, make_image, write
-from dicom_node.access import (
+from dicom_node.config import ConfigError, NodeSettings, parse_config
+from dicom_node.index.store import Store
+from dicom_node.net.access import (
     REJECT_ADDRESS,
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
@@ -29,11 +31,9 @@ from dicom_node.access import (
     AccessPolicy,
     peer_ip,
 )
-from dicom_node.config import ConfigError, NodeSettings, parse_config
-from dicom_node.jobs import JobQueue
-from dicom_node.pairing import Pairing
-from dicom_node.scp import StorageServer
-from dicom_node.store import Store
+from dicom_node.workflow.jobs import JobQueue
+from dicom_node.workflow.pairing import Pairing
+from dicom_node.workflow.settle import Settler
 
 NODE_AE = "FUSIONNODE"
 PIPE_AE = "FUSE_MRCT"
@@ -134,17 +134,17 @@ def test_networks_are_normalised():
 @pytest.fixture
 def capture():
     """The SCP's JSON log lines, as dicts."""
-    with json_logs("dicom_node.scp") as log:
+    with json_logs("dicom_node.net.listener") as log:
         yield log.events
 
 
 @pytest.fixture
 def make_server(tmp_path):
-    started: list[StorageServer] = []
+    started: list[RunningSCP] = []
 
-    def make(node: dict | None = None, pipelines: list[dict] | None = None) -> StorageServer:
+    def make(node: dict | None = None, pipelines: list[dict] | None = None) -> RunningSCP:
         cfg = settings(tmp_path, node, pipelines)
-        server = StorageServer(cfg, Store(cfg.storage.root, cfg.storage.database_path)).start()
+        server = RunningSCP(cfg, Store(cfg.storage.root, cfg.storage.database_path))
         started.append(server)
         return server
 
@@ -318,7 +318,7 @@ def test_instances_record_the_called_ae_and_pairing_follows_it(make_server, tmp_
     jobs.ensure_schema()
     pairing = Pairing(server.cfg, store, jobs)
     for s in store.list_series():
-        pairing.trigger(s.series_uid)
+        Settler(server.cfg, store).trigger(s.series_uid)
     made = {(j.pipeline, j.base_series_uid, j.overlay_series_uid) for j in (jobs.get(i) for i in pairing.pair_settled())}
     # "routed" pairs only what came through its AE title; the node-AE series find no pipeline:
     # "anywhere" would take them, but its overlay selector wants a T1 description
@@ -340,12 +340,12 @@ def test_pipeline_without_ae_title_leaves_series_sent_to_another_pipelines_ae(ma
     jobs.ensure_schema()
     pairing = Pairing(server.cfg, server.store, jobs)
     for s in server.store.list_series():
-        pairing.trigger(s.series_uid)
+        Settler(server.cfg, server.store).trigger(s.series_uid)
     assert pairing.pair_settled() == []
 
     mr = series_files(tmp_path / "c", "MR", 2, study)
     storescu(server.port, NODE_AE, mr)  # sent to the node's own AE title: "anywhere" takes it
-    pairing.trigger(series_uid(mr[0]))
+    Settler(server.cfg, server.store).trigger(series_uid(mr[0]))
     (job_id,) = pairing.pair_settled()
     job = jobs.get(job_id)
     assert (job.pipeline, job.base_series_uid, job.overlay_series_uid) == ("anywhere", series_uid(ct[0]), series_uid(mr[0]))

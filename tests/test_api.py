@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from dicom_node.cli import main
-from dicom_node.samples import synthetic_pair
 from fusion import dmf_stack, fuse
 from fusion.intensity import rgb_to_ycbcr, to_unit, ycbcr_to_rgb
 from fusion.metrics import average_gradient, entropy, mutual_information, qabf, ssim
+from fusion_demo.samples import synthetic_pair
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,45 @@ def test_logs_are_json_with_stable_event_names():
     doc = json.loads(buf.getvalue())
     assert doc["event"] == "weights.verified" and doc["detail"] == "path=/x" and doc["seconds"] == 0.5
     assert doc["level"] == "info" and doc["logger"] == "fusion.test"
+
+
+# -- one default-trio rule for the library, the CLI and the node ----------------------------------
+
+
+@pytest.mark.parametrize("modality, colour", [("CT", False), ("PT", True), ("PT", False), ("NM", True),
+                                              (None, True), (None, False)])
+def test_library_cli_and_node_pick_the_same_trio(modality, colour, tmp_path, monkeypatch, pair):
+    """A grey PET gets the PET trio when its modality is known, everywhere; unknown: colour = PET, grey = CT."""
+    import fusion.api as api
+    from dicom_node.config import parse_config
+    from dicom_node.workflow import stages
+    from fusion.api import resolve_trio
+
+    seen = []
+
+    def recording_dmf(a, b, *, trio, **kwargs):
+        seen.append(tuple(trio))
+        return api.DMFResult(a, None, None)
+
+    monkeypatch.setattr(api, "dmf_stack", recording_dmf)
+    mr, ct = pair
+    overlay = np.stack([ct, ct // 2, ct // 3], axis=-1) if colour else ct
+
+    fuse(mr, overlay, feature_source="image", device="cpu", modality=modality)  # the library
+
+    Image.fromarray(mr).save(tmp_path / "mr.png")
+    Image.fromarray(overlay).save(tmp_path / "overlay.png")
+    args = ["fuse", str(tmp_path / "mr.png"), str(tmp_path / "overlay.png"), "-o", str(tmp_path / "f.png"),
+            "--feature-source", "image", "--device", "cpu"] + (["--modality", modality] if modality else [])
+    assert main(args) == 0  # the command line
+
+    if modality is not None:  # the node always knows the modality (DICOM Modality of the overlay)
+        pipeline = parse_config({"pipelines": [{"name": "p", "base": {"modality": ["MR"]},
+                                                "overlay": {"modality": [modality]},
+                                                "feature_source": "image"}]}).pipelines[0]
+        b = to_unit(overlay).astype(np.float32)
+        stages.fuse(stages.PreparedStacks(to_unit(mr)[None].astype(np.float32), b[None], modality), pipeline, "cpu")
+
+    expected = resolve_trio(None, modality, colour)
+    assert seen == [expected] * len(seen) and len(seen) == (2 if modality is None else 3)
+    assert expected == api.default_trio(modality or ("PT" if colour else "CT"))

@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-
 from dicom_helpers import (
     SC_GEOMETRY_WARNINGS,
     UID_PREFIX,
+    RunningSCP,
     dciodvfy,
     make_image,
     run_tool,
@@ -32,10 +30,14 @@ from dicom_helpers import (
     through_disk,
     write,
 )
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
 from dicom_node.config import NodeSettings, StorageConfig
-from dicom_node.derived import FALLBACK_CHARSET, Equipment, build_registration, build_sc_series
-from dicom_node.scp import StorageServer
-from dicom_node.store import Store
+from dicom_node.dicom.derived import FALLBACK_CHARSET, Equipment
+from dicom_node.dicom.reg import build_registration
+from dicom_node.dicom.sc import build_sc_series
+from dicom_node.index.store import Store
 
 SCP_AE = "FUSIONNODE"
 
@@ -196,11 +198,11 @@ def test_received_over_dicom_then_derived(tmp_path):
                         Modality="CT", BodyPartExamined="HEAD", ImagePositionPatient=["0", "0", "0"],
                         ImageOrientationPatient=["1", "0", "0", "0", "1", "0"], PixelSpacing=["1", "1"])
         sent[name] = (write(ds, tmp_path / "send" / f"{name}.dcm"), ds)
-    with StorageServer(cfg, store).start() as server:
+    with RunningSCP(cfg, store) as server:
         proc = run_tool("storescu", "-aet", "CHARSETSCU", "-aec", SCP_AE, "127.0.0.1", str(server.port),
                         *(p for p, _ in sent.values()), timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name, (path, ds) in sent.items():
+    for name, (_path, ds) in sent.items():
         case = CASES[name]
         rec = store.get_series(ds.SeriesInstanceUID)
         assert rec is not None, name

@@ -26,14 +26,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.derived import (
-    Equipment,
-    build_registration,
-    build_sc_series,
-    overlay_slices_for_base,
-    registration_matrix,
-    sc_series_description,
-)
+from dicom_node.dicom.derived import Equipment
+from dicom_node.dicom.reg import build_registration, registration_matrix
+from dicom_node.dicom.sc import build_sc_series, overlay_slices_for_base, sc_series_description
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 DERIVATION = "DMF fusion of MR onto CT: ADF+CBF+FPDE exposures, VGG16 gradients; rigid MI registration"

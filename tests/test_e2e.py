@@ -9,58 +9,14 @@ references and the registration.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-
-from dicom_helpers import dcmtk, free_port
-
-ORTHANC = "/usr/sbin/Orthanc"
-
-
-class OrthancServer:
-    def __init__(self, workdir: Path):
-        if not Path(ORTHANC).exists():
-            pytest.skip("Orthanc is not installed (apt-get install orthanc; `make test` does it)")
-        self.dicom_port, self.http_port = free_port(), free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "Name": "test-pacs", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
-            "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "HttpServerEnabled": True, "DicomServerEnabled": True, "Plugins": [], "StableAge": 1,
-        }
-        (workdir / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = open(workdir / "orthanc.log", "w")
-        self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not start; see {workdir / 'orthanc.log'}")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
-            body = r.read()
-        return json.loads(body) if body[:1] in (b"{", b"[") else body
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+from dicom_helpers import dcmtk
+from peers import OrthancServer
 
 
 @pytest.fixture
@@ -149,8 +105,8 @@ def _reg_matrix_for(reg: pydicom.Dataset, frame_uid: str) -> np.ndarray:
 
 def test_generated_pair_end_to_end(tmp_path, orthanc, vgg_weights):
     """Fast variant: generated CT+MR of one patient, known head motion, VGG-feature DMF."""
-    from dicom_node.samples import write_synthetic_pair
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
+    from fusion_demo.samples import write_synthetic_pair
 
     offset, angle = np.array([14.0, -9.0, 6.0]), 4.0
     ct_dir, mr_dir = write_synthetic_pair(tmp_path / "input", offset_mm=tuple(offset), rotation_deg=angle)
@@ -159,7 +115,7 @@ def test_generated_pair_end_to_end(tmp_path, orthanc, vgg_weights):
         result, _ = _run_node_until_sent(node, [ct_dir, mr_dir], timeout_s=600)
     finally:
         node.stop()
-    uids = lambda d: {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in d.iterdir()}  # noqa: E731
+    uids = lambda d: {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in d.iterdir()}
     reg = _check_delivery(orthanc, uids(ct_dir), uids(mr_dir), n_ct=len(list(ct_dir.iterdir())))
     mr_frame = pydicom.dcmread(next(mr_dir.iterdir()), stop_before_pixels=True).FrameOfReferenceUID
     m = _reg_matrix_for(reg, mr_frame)  # MR frame -> CT frame (PS3.3 C.20.2)
@@ -175,7 +131,7 @@ def test_generated_pair_end_to_end(tmp_path, orthanc, vgg_weights):
 @pytest.mark.slow
 def test_cirs_pair_end_to_end(tmp_path, orthanc, cirs_dir):
     """The real phantom pair (different patient IDs, studies and frames: paired by rule)."""
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
 
     node = Node(_settings(tmp_path, orthanc, "rule", "image")).start()
     try:
@@ -183,9 +139,9 @@ def test_cirs_pair_end_to_end(tmp_path, orthanc, cirs_dir):
     finally:
         node.stop()
     print("CIRS job result:", json.dumps(result), f"latency from last image: {latency:.1f} s")
-    uids = lambda d: {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in d.iterdir()}  # noqa: E731
+    uids = lambda d: {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in d.iterdir()}
     reg = _check_delivery(orthanc, uids(cirs_dir / "CT"), uids(cirs_dir / "MR"), n_ct=len(list((cirs_dir / "CT").iterdir())))
-    from dicom_node.volume import load_series
+    from dicom_node.dicom.volume import load_series
 
     mr_frame = pydicom.dcmread(next((cirs_dir / "MR").iterdir()), stop_before_pixels=True).FrameOfReferenceUID
     m = _reg_matrix_for(reg, mr_frame)  # MR frame -> CT frame
@@ -195,6 +151,6 @@ def test_cirs_pair_end_to_end(tmp_path, orthanc, cirs_dir):
     shift = np.linalg.norm(mr_point - centre)
     angle = np.degrees(np.arccos(np.clip((np.trace(m[:3, :3]) - 1) / 2, -1, 1)))
     # ~90.1 mm / ~3.2 deg: every registration setting tried agrees within 0.3 mm (tests/test_registration.py);
-    # 1.5 mm is about one MR voxel (1.19 mm) plus that spread. DESIGN's "about 88 mm" was an estimate.
+    # 1.5 mm is about one MR voxel (1.19 mm) plus that spread. The first design note's "about 88 mm" was an estimate.
     assert abs(shift - 90.1) < 1.5, f"registration moved the CT centre by {shift:.2f} mm"
     assert angle < 5.0, f"rotation {angle:.2f} deg"

@@ -39,7 +39,7 @@ def test_layout_matches_torchvision_vgg16_features():
     assert convs == {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256), 14: (256, 256)}
     assert all(isinstance(f[i], torch.nn.MaxPool2d) for i in (4, 9))
     assert all(isinstance(f[i], torch.nn.ReLU) and not f[i].inplace for i in (1, 3, 6, 8, 11, 13, 15))
-    for i, (cin, cout) in convs.items():
+    for i, (_cin, _cout) in convs.items():
         assert f[i].kernel_size == (3, 3) and f[i].padding == (1, 1) and f[i].stride == (1, 1)
     # A torchvision state dict truncated to features.0..14 loads with strict key matching.
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == W.EXPECTED_SHAPES

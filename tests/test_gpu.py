@@ -25,7 +25,7 @@ def cp():
 
 
 def _pairs(harvard_dir, per_subset=4):
-    from dicom_node.samples import harvard_pairs, load_image
+    from fusion_demo.samples import harvard_pairs, load_image
 
     out = {}
     for subset in ("MRI_CT", "MRI_PET", "MRI_SPECT"):

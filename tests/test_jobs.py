@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from dicom_node.jobs import MAX_INTERRUPTIONS, Executor, JobQueue, input_key
+from dicom_node.workflow.jobs import MAX_INTERRUPTIONS, Executor, JobQueue, input_key
 
 
 def _queue(tmp_path) -> JobQueue:

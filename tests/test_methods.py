@@ -16,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from method_contract import (
+    check_dtype_and_range,
+    check_single_image_and_broadcast,
+    check_stack_equals_slices,
+    contract_stack,
+)
+from vifb_reference import PAIRS, RAW_PSNR_MIN, assert_reproduces, load_pair
 
 from fusion.methods import available, get_method
-from method_contract import (check_dtype_and_range, check_single_image_and_broadcast, check_stack_equals_slices,
-                             contract_stack)
-from vifb_reference import PAIRS, RAW_PSNR_MIN, assert_reproduces, load_pair
 
 METHODS = ("adf", "cbf", "fpde")
 # FPDE on walking2 reaches 31.64 dB only: our output re-encoded with the reference's

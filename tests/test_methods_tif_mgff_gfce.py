@@ -16,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from method_contract import (
+    check_dtype_and_range,
+    check_single_image_and_broadcast,
+    check_stack_equals_slices,
+    contract_stack,
+)
+from vifb_reference import PAIRS, assert_reproduces, load_pair
 
 from fusion.methods import available, get_method
-from method_contract import (check_dtype_and_range, check_single_image_and_broadcast, check_stack_equals_slices,
-                             contract_stack)
-from vifb_reference import PAIRS, assert_reproduces, load_pair
 
 METHODS = ("tif", "mgff", "gfce")
 

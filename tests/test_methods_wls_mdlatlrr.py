@@ -27,16 +27,20 @@ minutes more); measured that way all 12 cases are bit-identical after re-encodin
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fusion.methods import available, get_method
-from method_contract import (check_dtype_and_range, check_single_image_and_broadcast, check_stack_equals_slices,
-                             contract_stack)
+from method_contract import (
+    check_dtype_and_range,
+    check_single_image_and_broadcast,
+    check_stack_equals_slices,
+    contract_stack,
+)
 from vifb_reference import PAIRS, RAW_PSNR_MIN, assert_reproduces, load_pair
+
+from fusion import environment
+from fusion.methods import available, get_method
 
 VIFB_NAME = {"wls": "VSMWLS", "mdlatlrr": "LatLRR"}
 
@@ -58,7 +62,7 @@ RECEPTIVE_MARGIN = 32  # >= 28 = 4 levels x (8 - 1), and a multiple of 16
 
 
 def _reference_cases():
-    full = PAIRS if os.environ.get("FUSION_REFERENCE_FULL") == "1" else MDLATLRR_FULL
+    full = PAIRS if environment.flag("FUSION_REFERENCE_FULL") else MDLATLRR_FULL
     for pair in PAIRS:
         yield pytest.param("wls", pair, None, id=f"wls-{pair}")
     for pair in PAIRS:

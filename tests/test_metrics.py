@@ -1,17 +1,16 @@
 """fusion.metrics: VIFB number for number, the papers' (CDDFuse Evaluator) convention by hand
-cases and SPEC 3.4, the relations between the two conventions, the API and the CLI."""
+cases and docs/ports.md (the toy fusion), the relations between the two conventions, the API and the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fusion import metrics
+from fusion import environment, metrics
 from fusion.metrics import evaluate, gray_cv2, load_image, papers, vifb
 
 # (pair, method): every method once, gray IR (manWalking, walking2, running, walkingnight) and
@@ -28,7 +27,7 @@ def _vifb_reference(reference_dir):
 
 
 def _cases():
-    if os.environ.get("FUSION_VIFB_ALL") == "1":
+    if environment.flag("FUSION_VIFB_ALL"):
         pairs = ["manWalking", "walking2", "running", "walkingnight", "snow", "carLight"]
         methods = ["ADF", "CBF", "FPDE", "GFCE", "VSMWLS", "TIF", "LatLRR", "MGFF", "IFEVIP"]
         return [f"{p}/{m}" for p in pairs for m in methods]
@@ -149,7 +148,7 @@ def _harvard_grey(harvard_dir, subset, other, name):
     return mri, x
 
 
-# SPEC 3.4: the toy fusion F = round((MRI + X)/2) scored by both evaluators, at the
+# docs/ports.md (the toy fusion): the toy fusion F = round((MRI + X)/2) scored by both evaluators, at the
 # printed precision.  The Harvard pairs here are CDDFuse's test pairs, so this is a
 # direct check of the papers' convention (and of VIFB's on grey medical images).
 SPEC_34 = {  # metric: (VIFB, papers) as printed; Qabf: one value (Hong variant)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_helpers import json_logs
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -22,8 +23,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from dicom_helpers import json_logs
-from dicom_node.config import Destination, NodeConfig, NodeSettings, OutboxConfig
+from dicom_node.config import DicomDestination, NodeConfig, NodeSettings, OutboxConfig
 from dicom_node.outbox import Outbox, OutboxItem
 
 PATIENT_NAME = "Secret^Patient"
@@ -97,8 +97,8 @@ def settings_for(port: int, *, max_attempts: int = 3, initial: float = 0.05, max
     return NodeSettings(
         node=NodeConfig(ae_title="FUSIONTEST", network_timeout_s=5),
         destinations=[
-            Destination(name="pacs", ae_title=called, host="127.0.0.1", port=port),
-            Destination(name="other", ae_title="OTHER", host="127.0.0.1", port=port),
+            DicomDestination(name="pacs", ae_title=called, host="127.0.0.1", port=port),
+            DicomDestination(name="other", ae_title="OTHER", host="127.0.0.1", port=port),
         ],
         outbox=OutboxConfig(max_attempts=max_attempts, backoff_initial_s=initial, backoff_max_s=maximum),
     )
@@ -405,10 +405,14 @@ def test_unexpected_error_never_strands_rows_sending(tmp_path, peer, monkeypatch
     ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port))
     ob.enqueue("pacs", files)
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("simulated bug")
+    class Broken:  # a sender with a bug: it fails after its first item
+        def send(self, batch, cancel):
+            raise RuntimeError("simulated bug")
+            yield  # a generator, like every sender
 
-    monkeypatch.setattr(ob, "_send_claimed", boom)
+    from dicom_node.outbox import queue as queue_module
+
+    monkeypatch.setattr(queue_module, "sender_for", lambda *args: Broken())
     assert ob.process_due() == {"sent": 0, "retried": 2, "dead": 0}
     assert {(i.state, i.attempts) for i in ob.list()} == {("pending", 1)}
     assert "simulated bug" in ob.list()[0].last_error

@@ -9,9 +9,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import parse_config
-from dicom_node.jobs import JobQueue
-from dicom_node.pairing import Pairing
-from dicom_node.store import Store
+from dicom_node.index.store import Store
+from dicom_node.workflow.jobs import JobQueue
+from dicom_node.workflow.pairing import Pairing
+from dicom_node.workflow.settle import Settler
 
 SOP = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4", "PT": "1.2.840.10008.5.1.4.1.1.128"}
 
@@ -37,6 +38,19 @@ def _series(store: Store, modality: str, n: int, *, study: str, patient: str, de
     return series_uid
 
 
+class _Sweep:
+    """Settle then pair, as the node's sweep does (``Node.sweep``), on one store."""
+
+    def __init__(self, settings, store, jobs):
+        self.settler, self.pairing = Settler(settings, store), Pairing(settings, store, jobs)
+        self.trigger, self.settle_due = self.settler.trigger, self.settler.settle_due
+        self.pair_settled = self.pairing.pair_settled
+
+    def sweep(self, now=None):
+        self.settle_due(now)
+        return self.pair_settled(now)
+
+
 @pytest.fixture
 def node(tmp_path):
     def make(match="study", timeout=3600.0, quiet=30.0, overlay_desc=""):
@@ -50,7 +64,7 @@ def node(tmp_path):
         store.ensure_schema()
         jobs = JobQueue(tmp_path / "node.sqlite")
         jobs.ensure_schema()
-        return store, jobs, Pairing(settings, store, jobs)
+        return store, jobs, _Sweep(settings, store, jobs)
 
     return make
 

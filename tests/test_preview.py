@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fusion.preview import checkerboard, display_range, registration_sheet
-from fusion.registration_quality import check_sheet
+from fusion.registration.quality import check_sheet
 
 
 def test_checkerboard_alternates_whole_tiles():
@@ -43,6 +43,6 @@ def test_check_sheet_shows_the_moved_overlay():
     shift = sitk.TranslationTransform(3, (12.0, 0.0, 0.0))
     sheet = np.asarray(check_sheet(base, moving, shift, ("CT", "MR")))
     cell = 60 + 4  # axial cells are 60 x 60 here, 4 px padding, 14 px label
-    axial = lambda col: sheet[4 + 14:4 + 14 + 60, 4 + col * cell:4 + col * cell + 60, 0].astype(float)  # noqa: E731
+    axial = lambda col: sheet[4 + 14:4 + 14 + 60, 4 + col * cell:4 + col * cell + 60, 0].astype(float)
     assert np.abs(axial(3) - axial(0)).mean() < 1.0  # registered = base
     assert np.abs(axial(1) - axial(0)).mean() > 20.0  # as acquired: 6 columns off

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_helpers import UID_PREFIX, RunningSCP, make_image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -38,11 +39,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicom_helpers import UID_PREFIX, make_image
-from dicom_node import qr
-from dicom_node.config import ConfigError, Destination, NodeSettings, parse_config
-from dicom_node.qr import QueryRetrieveService
-from dicom_node.store import Store
+from dicom_node.config import ConfigError, DicomDestination, NodeSettings, parse_config
+from dicom_node.index.store import Store
+from dicom_node.net import query_retrieve as qr
+from dicom_node.net import statuses
 
 SCP_AE = "FUSIONNODE"
 SCU_AE = "QRSCU"
@@ -183,7 +183,7 @@ def node(tmp_path_factory, destination):
     store = Store(cfg.storage.root, cfg.storage.database_path)
     store.ensure_schema()
     catalog = _fill(store)
-    server = QueryRetrieveService(cfg, store).server().start()
+    server = RunningSCP(cfg, store, query_retrieve=True)
     server.catalog = catalog
     yield server
     server.stop()
@@ -319,8 +319,8 @@ def test_constants_name_both_roots_and_the_statuses():
     assert qr.GET_SOP_CLASSES == ("1.2.840.10008.5.1.4.1.2.1.3", "1.2.840.10008.5.1.4.1.2.2.3")
     assert qr.MOVE_SOP_CLASSES == ("1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.2.2")
     assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"} <= set(qr.QR_TRANSFER_SYNTAXES)
-    assert (qr.STATUS_PENDING, qr.STATUS_CANCELLED, qr.STATUS_MOVE_DESTINATION_UNKNOWN,
-            qr.STATUS_IDENTIFIER_MISMATCH, qr.STATUS_SUBOPS_WARNING) == (0xFF00, 0xFE00, 0xA801, 0xA900, 0xB000)
+    assert (statuses.PENDING, statuses.CANCEL, statuses.MOVE_DESTINATION_UNKNOWN,
+            statuses.DOES_NOT_MATCH_SOP_CLASS, statuses.SUBOPS_WARNING) == (0xFF00, 0xFE00, 0xA801, 0xA900, 0xB000)
 
 
 # -- C-FIND: levels ------------------------------------------------------------------------
@@ -470,7 +470,7 @@ def test_uid_lists(node):
 ])
 def test_identifier_errors_answer_a900(node, model, keys, why):
     status, answers, final = c_find(node, query(**keys), model)
-    assert status == qr.STATUS_IDENTIFIER_MISMATCH == 0xA900
+    assert status == statuses.DOES_NOT_MATCH_SOP_CLASS == 0xA900
     assert answers == []
     assert why in final.ErrorComment
 
@@ -497,7 +497,7 @@ def test_raw_encoding_follows_the_declared_set(node):
     cat = node.catalog
     (raw,) = raw_answers(node, query(QueryRetrieveLevel="STUDY", StudyInstanceUID=cat.studies["C"], PatientName=""))
     assert b"\x1b$B" in raw and b"\x1b(B" in raw  # JIS X 0208 escape sequences, not UTF-8
-    assert "山田".encode("utf-8") not in raw
+    assert "山田".encode() not in raw
     (raw,) = raw_answers(node, query(QueryRetrieveLevel="STUDY", StudyInstanceUID=cat.studies["A"], PatientName=""))
     assert MUELLER.encode("latin-1") in raw
     (raw,) = raw_answers(node, query(QueryRetrieveLevel="STUDY", StudyInstanceUID=cat.studies["C"], PatientName="",
@@ -620,7 +620,7 @@ def test_get_without_storage_contexts_fails_each_instance(node):
     finally:
         assoc.release()
     final = responses[-1]
-    assert final.Status == qr.STATUS_SUBOPS_FAILED == 0xA702
+    assert final.Status == statuses.SUBOPS_FAILED == 0xA702
     assert final.NumberOfFailedSuboperations == 2
     assert getter.datasets == []
 
@@ -630,7 +630,7 @@ def test_get_honours_c_cancel(node):
     getter = Getter(cancel_after=1)
     final, _ = getter.run(node, query(QueryRetrieveLevel="SERIES", StudyInstanceUID=cat.studies["A"],
                                       SeriesInstanceUID=cat.series["A-CT"]))
-    assert final.Status == qr.STATUS_CANCELLED == 0xFE00
+    assert final.Status == statuses.CANCEL == 0xFE00
     assert len(getter.datasets) == 1
     assert final.NumberOfRemainingSuboperations == 2
 
@@ -677,7 +677,7 @@ def test_move_to_unknown_destination_is_a801(node, destination):
     cat = node.catalog
     destination.clear()
     final = c_move(node, query(QueryRetrieveLevel="STUDY", StudyInstanceUID=cat.studies["B"]), dest="NOTCONFIGURED")
-    assert final.Status == qr.STATUS_MOVE_DESTINATION_UNKNOWN == 0xA801
+    assert final.Status == statuses.MOVE_DESTINATION_UNKNOWN == 0xA801
     assert destination.uids() == set()
 
 
@@ -698,7 +698,7 @@ def _tls_pair(folder: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def cert(subject: str, key, issuer: str, issuer_key, ca: bool):
         builder = (x509.CertificateBuilder()
@@ -744,11 +744,11 @@ def test_move_to_a_tls_destination(node, tmp_path):
                                   evt_handlers=[(evt.EVT_C_STORE, received.on_store)])
     port = dest_server.server_address[1]
     cfg = node.cfg.model_copy(update={"destinations": [
-        Destination(name="tls-ws", ae_title="TLSDEST", host="127.0.0.1", port=port,
+        DicomDestination(name="tls-ws", ae_title="TLSDEST", host="127.0.0.1", port=port,
                     tls=DestinationTLS(ca_certificates=ca)),
-        Destination(name="untrusted", ae_title="UNTRUSTED", host="127.0.0.1", port=port,
+        DicomDestination(name="untrusted", ae_title="UNTRUSTED", host="127.0.0.1", port=port,
                     tls=DestinationTLS(ca_certificates=other_ca))]})
-    server = QueryRetrieveService(cfg, node.store).server().start()
+    server = RunningSCP(cfg, node.store, query_retrieve=True)
     try:
         cat = node.catalog
         study = query(QueryRetrieveLevel="STUDY", StudyInstanceUID=cat.studies["B"])
@@ -757,7 +757,7 @@ def test_move_to_a_tls_destination(node, tmp_path):
         assert received.uids() == set(cat.instances["B-PT"])
         records: list[logging.LogRecord] = []
         handler = logging.Handler(logging.ERROR)
-        handler.emit = records.append  # type: ignore[method-assign]
+        handler.emit = records.append  # type: ignore[method-assign]  - a test double replaces the emit method
         qr.log.addHandler(handler)  # directly on our logger: logs.setup() may have turned propagation off
         try:
             final = c_move(server, study, dest="UNTRUSTED")
@@ -767,7 +767,7 @@ def test_move_to_a_tls_destination(node, tmp_path):
                 time.sleep(0.02)
         finally:
             qr.log.removeHandler(handler)
-        assert final.Status == qr.STATUS_MOVE_DESTINATION_UNKNOWN
+        assert final.Status == statuses.MOVE_DESTINATION_UNKNOWN
         failed = [r for r in records if r.getMessage() == "qr.move.failed"]
         assert failed and "not trusted" in failed[-1].fields["reason"]
     finally:
@@ -777,7 +777,7 @@ def test_move_to_a_tls_destination(node, tmp_path):
 
 def test_node_serves_query_retrieve(tmp_path):
     """The service wiring: Node.start brings the Q/R SCP up on the node's own port."""
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
 
     node = Node(_node_settings(tmp_path))
     ds = make_image(patient_id="PID-NODE", PatientName=MUELLER)
@@ -802,7 +802,7 @@ def _node_settings(tmp_path, **query_retrieve) -> NodeSettings:
 
 def test_query_retrieve_can_be_switched_off(tmp_path):
     """query_retrieve.enabled = false: a pure router; Q/R contexts are refused, storage still works."""
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
 
     node = Node(_node_settings(tmp_path, enabled=False)).start()
     try:
@@ -822,7 +822,7 @@ def test_query_retrieve_can_be_switched_off(tmp_path):
 
 def test_move_destinations_limit_where_c_move_may_send(tmp_path):
     """A destination the outbox knows but query_retrieve.move_destinations leaves out: 0xA801, nothing sent."""
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
 
     with pytest.raises(ConfigError, match="unknown destination 'nowhere'"):
         _node_settings(tmp_path, move_destinations=["nowhere"])
@@ -841,7 +841,7 @@ def test_move_destinations_limit_where_c_move_may_send(tmp_path):
 
 
 def test_choose_charset_falls_back_from_caller_to_study_to_utf8():
-    from dicom_node.query import choose_charset
+    from dicom_node.index.matching import choose_charset
 
     assert choose_charset({"PatientName": "Smith^J"}, None, "ISO_IR 100") is None  # ASCII: default repertoire
     assert choose_charset({"PatientName": "Smith^J"}, "ISO_IR 100", None) == ["ISO_IR 100"]  # echo the caller's

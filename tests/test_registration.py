@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fusion.registration import (
+from fusion.registration.rigid import (
     RegistrationParams,
     foreground_mask,
     foreground_overlap,
@@ -109,7 +109,7 @@ def test_params_match_the_node_config():
 
 def test_quality_thresholds_match_the_node_config():
     from dicom_node.config import QualityConfig
-    from fusion.registration_quality import QualityThresholds
+    from fusion.registration.quality import QualityThresholds
 
     assert QualityThresholds.from_mapping(QualityConfig().model_dump()) == QualityThresholds()
     with pytest.raises(ValueError):
@@ -140,7 +140,7 @@ def test_synthetic_multimodal_recovers_known_transform(fixed, mr_like):
 
 
 def test_pet_like_coarse_overlay(fixed):
-    # 4 mm voxels, blurred, non-monotonic; stop at shrink 2 as DESIGN measured for PET-like overlays
+    # 4 mm voxels, blurred, non-monotonic; stop at shrink 2 as measured (docs/method.md) for PET-like overlays
     pet = _moving((32, 32, 30), (4.0, 4.0, 4.0), (-62.0, -62.0, -58.0), TRUE, remap=lambda v: np.abs(v - 0.5))
     pet = sitk.SmoothingRecursiveGaussian(pet, 3.0)  # PET resolution: ~7 mm FWHM
     noisy = volume_to_array(pet) + np.random.default_rng(5).normal(0.0, 0.02, pet.GetSize()[::-1])
@@ -298,7 +298,7 @@ def test_initial_matrix_is_used_and_reported(fixed, mr_like):
 
 
 def test_helpers_keep_geometry():
-    from fusion.registration import euler_from_matrix, resample_spacing, robust_clip, volume_centre
+    from fusion.registration.rigid import euler_from_matrix, resample_spacing, robust_clip, volume_centre
 
     t = sitk.Euler3DTransform((10.0, -5.0, 3.0), 0.1, -0.2, 0.05, (4.0, 5.0, -6.0))
     m = transform_matrix(t)
@@ -338,7 +338,7 @@ def _unrelated(seed: int) -> sitk.Image:
 def test_quality_accepts_a_good_registration(fixed, mr_like):
     import json
 
-    from fusion.registration_quality import assess_registration
+    from fusion.registration.quality import assess_registration
 
     res = register_rigid(fixed, mr_like, RegistrationParams(threads=1))
     q = assess_registration(fixed, mr_like, res)
@@ -351,7 +351,7 @@ def test_quality_accepts_a_good_registration(fixed, mr_like):
 
 
 def test_quality_refuses_unrelated_volumes(fixed):
-    from fusion.registration_quality import assess_registration
+    from fusion.registration.quality import assess_registration
 
     other = _unrelated(21)
     res = register_rigid(fixed, other, RegistrationParams(threads=1))
@@ -363,7 +363,7 @@ def test_quality_refuses_unrelated_volumes(fixed):
 
 
 def test_quality_detects_a_left_right_flipped_overlay(fixed, mr_like):
-    from fusion.registration_quality import assess_registration, mirrored_lr
+    from fusion.registration.quality import assess_registration, mirrored_lr
 
     flipped = sitk.Flip(mr_like, [True, False, False])
     flipped.CopyInformation(mr_like)  # the voxels mirrored, the header unchanged: a mislabelled series
@@ -378,7 +378,7 @@ def test_quality_detects_a_left_right_flipped_overlay(fixed, mr_like):
     assert mirrored_lr(flipped).GetDirection() == mr_like.GetDirection()
     sagittal = _image(np.zeros((5, 6, 7)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     sagittal.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))  # slices run along patient x
-    from fusion.registration_quality import lr_axis
+    from fusion.registration.quality import lr_axis
 
     assert lr_axis(sagittal) == 2 and lr_axis(mr_like) == 0
 
@@ -386,7 +386,7 @@ def test_quality_detects_a_left_right_flipped_overlay(fixed, mr_like):
 def test_quality_flags_a_misregistered_result(fixed, mr_like):
     import dataclasses
 
-    from fusion.registration_quality import assess_registration
+    from fusion.registration.quality import assess_registration
 
     res = register_rigid(fixed, mr_like, RegistrationParams(threads=1))
     shift = np.eye(4)
@@ -400,44 +400,51 @@ def test_quality_flags_a_misregistered_result(fixed, mr_like):
     off = assess_registration(fixed, mr_like, dataclasses.replace(res, matrix=res.matrix @ shift))
     assert any(t.startswith("OVERLAP") for t in off.tags) and off.support_overlap < 0.5
     # plausibility limits are thresholds too
-    from fusion.registration_quality import QualityThresholds
+    from fusion.registration.quality import QualityThresholds
 
     strict = assess_registration(fixed, mr_like, res, QualityThresholds(max_rotation_deg=5.0, check_flip=False))
     assert strict.flip_similarity is None and any(t.startswith("ROT") for t in strict.tags)
 
 
-def test_pipeline_policy_fails_or_warns_visibly(fixed, mr_like):
-    """dicom_node.pipeline: "fail" raises a JobError naming figures and limits; "warn" marks the series description."""
-    from types import SimpleNamespace
-
+def test_pipeline_policy_fails_or_warns_visibly(fixed, mr_like, tmp_path):
+    """The register stage: "fail" raises a JobError naming figures and limits; "warn" marks the series description."""
     from dicom_node.config import Pipeline
-    from dicom_node.derived import sc_series_description
-    from dicom_node.pipeline import JobError, _check_registration
+    from dicom_node.dicom.sc import sc_series_description
+    from dicom_node.dicom.volume import Volume
+    from dicom_node.workflow.stages import JobError, LoadedPair, register
+
+    def volume(image, modality):
+        return Volume(image, [], modality, "1.2.3", f"1.2.3.{modality}", "1.2.3.9", "raw")
 
     flipped = sitk.Flip(mr_like, [True, False, False])
     flipped.CopyInformation(mr_like)
-    res = register_rigid(fixed, flipped, RegistrationParams(threads=1))
-    job = SimpleNamespace(id=7)
     rule = {"name": "mr-ct", "base": {"modality": ["CT"]}, "overlay": {"modality": ["MR"]}}
 
-    result: dict = {}
     with pytest.raises(JobError) as err:
-        _check_registration(job, Pipeline.model_validate(rule), fixed, flipped, res, result)
+        register(LoadedPair(volume(fixed, "CT"), volume(flipped, "MR")), Pipeline.model_validate(rule), tmp_path, 7)
     text = err.value.operator_message
     assert "registration rejected" in text and "left-right" in text and "on_poor_quality" in text
     assert "margin 0.03" in text  # the threshold is named with the measured figure
-    assert result["registration_quality"]["ok"] is False and result["registration_quality"]["problems"]
-    assert err.value.result is result  # kept on the failed job (jobs.Executor)
+    kept = err.value.result  # kept on the failed job (jobs.Executor)
+    assert kept["registration_quality"]["ok"] is False and kept["registration_quality"]["problems"]
+    assert kept["registration_picture"].endswith("job-7-registration.png") and "check sheet" in text
 
-    result = {}
     warn = Pipeline.model_validate({**rule, "registration": {"on_poor_quality": "warn"}})
-    warning = _check_registration(job, warn, fixed, flipped, res, result)
-    assert warning.startswith("FLIPPED?") and result["registration_warning"] == warning
-    description = sc_series_description("mr-ct", "CT", "MR", warning)
+    reg = register(LoadedPair(volume(fixed, "CT"), volume(flipped, "MR")), warn, tmp_path, 8)
+    assert reg.warning.startswith("FLIPPED?") and reg.as_result()["registration_warning"] == reg.warning
+    description = sc_series_description("mr-ct", "CT", "MR", reg.warning)
     assert description.startswith("CHECK REG: FLIPPED?") and description.endswith("FUSED MR>CT MR-CT")
     assert len(description) <= 64
 
-    good = register_rigid(fixed, mr_like, RegistrationParams(threads=1))
-    result = {}
-    assert _check_registration(job, Pipeline.model_validate(rule), fixed, mr_like, good, result) is None
-    assert result["registration_quality"]["ok"] is True and "registration_warning" not in result
+    good = register(LoadedPair(volume(fixed, "CT"), volume(mr_like, "MR")), Pipeline.model_validate(rule), tmp_path, 9)
+    assert good.quality["ok"] is True and good.warning is None and "registration_warning" not in good.as_result()
+    assert _round_trips(good)
+
+
+def _round_trips(reg) -> bool:
+    """A registration is plain JSON: what a resumable job checkpoints comes back equal."""
+    import json
+
+    from dicom_node.workflow.stages import Registration
+
+    return Registration.from_json(json.loads(json.dumps(reg.to_json()))) == reg

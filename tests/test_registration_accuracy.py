@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import registration_cases as rc
 import SimpleITK as sitk
 
-import registration_cases as rc
-from fusion.registration import RegistrationParams, register_rigid
-from fusion.registration_quality import assess_registration
+from fusion.registration.quality import assess_registration
+from fusion.registration.rigid import RegistrationParams, register_rigid
 
 pytestmark = pytest.mark.data
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from dicom_helpers import dcmtk, free_port
 
 
@@ -74,7 +73,7 @@ def _send_and_wait(node, folders, timeout_s: float = 240.0):
 
 @pytest.fixture(scope="module")
 def unrelated_pair(tmp_path_factory):
-    from dicom_node.samples import write_synthetic_pair
+    from fusion_demo.samples import write_synthetic_pair
 
     ct_dir, mr_dir = write_synthetic_pair(tmp_path_factory.mktemp("input"))
     _unrelated_mr(mr_dir)
@@ -83,7 +82,7 @@ def unrelated_pair(tmp_path_factory):
 
 @pytest.mark.slow
 def test_unrelated_pair_fails_the_job_and_sends_nothing(tmp_path, unrelated_pair):
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
 
     node = Node(_settings(tmp_path, "fail")).start()
     try:
@@ -107,7 +106,7 @@ def test_unrelated_pair_fails_the_job_and_sends_nothing(tmp_path, unrelated_pair
 
 @pytest.mark.slow
 def test_unrelated_pair_with_warn_policy_is_marked(tmp_path, unrelated_pair):
-    from dicom_node.service import Node
+    from dicom_node.workflow.node import Node
 
     node = Node(_settings(tmp_path, "warn")).start()
     try:

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from dicom_helpers import UID_PREFIX, RunningSCP, dcmtk, make_image, run_tool, write
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -23,8 +24,8 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -34,18 +35,13 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SpatialRegistrationStorage
 
-from dicom_helpers import UID_PREFIX, dcmtk, make_image, run_tool, write
-from dicom_node import scp as scp_mod
 from dicom_node.config import NodeSettings, StorageConfig
-from dicom_node.scp import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_DATASET_MISMATCH,
-    STATUS_OUT_OF_RESOURCES,
-    STORAGE_SOP_CLASSES,
-    STORAGE_TRANSFER_SYNTAXES,
-    StorageServer,
-)
-from dicom_node.store import Store, StoreError
+from dicom_node.index.store import Store, StoreError
+from dicom_node.net import storage_scp as scp_mod
+from dicom_node.net.statuses import CANNOT_UNDERSTAND as STATUS_CANNOT_UNDERSTAND
+from dicom_node.net.statuses import DOES_NOT_MATCH_SOP_CLASS as STATUS_DATASET_MISMATCH
+from dicom_node.net.statuses import OUT_OF_RESOURCES as STATUS_OUT_OF_RESOURCES
+from dicom_node.net.storage_scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES
 
 SCP_AE = "FUSIONNODE"
 SCU_AE = "TESTSCU"
@@ -61,12 +57,12 @@ def _settings(tmp_path: Path, **node) -> NodeSettings:
 
 @pytest.fixture
 def make_server(tmp_path):
-    started: list[StorageServer] = []
+    started: list[RunningSCP] = []
 
-    def make(**node) -> StorageServer:
+    def make(**node) -> RunningSCP:
         cfg = _settings(tmp_path, **node)
         store = Store(cfg.storage.root, cfg.storage.database_path)
-        server = StorageServer(cfg, store).start()
+        server = RunningSCP(cfg, store)
         started.append(server)
         return server
 
@@ -76,26 +72,26 @@ def make_server(tmp_path):
 
 
 @pytest.fixture
-def server(make_server) -> StorageServer:
+def server(make_server) -> RunningSCP:
     return make_server()
 
 
-def echo(server: StorageServer, aet: str = SCU_AE) -> subprocess.CompletedProcess:
+def echo(server: RunningSCP, aet: str = SCU_AE) -> subprocess.CompletedProcess:
     return run_tool("echoscu", "-aet", aet, "-aec", SCP_AE, "127.0.0.1", str(server.port), timeout=30)
 
 
-def storescu(server: StorageServer, *files: Path, aet: str = SCU_AE) -> subprocess.CompletedProcess:
+def storescu(server: RunningSCP, *files: Path, aet: str = SCU_AE) -> subprocess.CompletedProcess:
     return run_tool("storescu", "-aet", aet, "-aec", SCP_AE, "127.0.0.1", str(server.port), *files, timeout=60)
 
 
-def storescu_exact(server: StorageServer, path: Path, sop_class: str, tsyntax: str,
+def storescu_exact(server: RunningSCP, path: Path, sop_class: str, tsyntax: str,
                    workdir: Path) -> subprocess.CompletedProcess:
     """storescu proposing only the file's own transfer syntax (its defaults propose uncompressed only)."""
     cfg = workdir / "storescu.cfg"
     cfg.write_text(
-        "[[TransferSyntaxes]]\n[Sent]\nTransferSyntax1 = %s\n"
-        "[[PresentationContexts]]\n[Contexts]\nPresentationContext1 = %s\\Sent\n"
-        "[[Profiles]]\n[Send]\nPresentationContexts = Contexts\n" % (tsyntax, sop_class)
+        f"[[TransferSyntaxes]]\n[Sent]\nTransferSyntax1 = {tsyntax}\n"
+        f"[[PresentationContexts]]\n[Contexts]\nPresentationContext1 = {sop_class}\\Sent\n"
+        "[[Profiles]]\n[Send]\nPresentationContexts = Contexts\n"
     )
     return run_tool("storescu", "-xf", cfg, "Send", "-aet", SCU_AE, "-aec", SCP_AE, "127.0.0.1", str(server.port),
                     path, timeout=60)
@@ -107,7 +103,7 @@ def assert_stored_ok(proc: subprocess.CompletedProcess) -> None:
     assert "E:" not in out and "Failed" not in out and "Error" not in out, out
 
 
-def scu_send(server: StorageServer, what, sop_class: str, transfer_syntax: str = ExplicitVRLittleEndian) -> int:
+def scu_send(server: RunningSCP, what, sop_class: str, transfer_syntax: str = ExplicitVRLittleEndian) -> int:
     """Send one dataset or file with pynetdicom and return the exact DIMSE status."""
     ae = AE(ae_title=SCU_AE)
     ae.add_requested_context(sop_class, transfer_syntax)
@@ -358,7 +354,7 @@ def test_unexpected_handler_error_answers_cannot_understand(server, tmp_path, mo
     def boom(*a, **kw):
         raise RuntimeError("bug (simulated)")
 
-    monkeypatch.setattr(scp_mod, "validate_instance", boom)
+    monkeypatch.setattr(scp_mod.validation, "validate_instance", boom)
     assert scu_send(server, make_image(), CTImageStorage) == STATUS_CANNOT_UNDERSTAND
     monkeypatch.undo()
     _still_serving(server, tmp_path)
@@ -385,7 +381,7 @@ def test_registration_object_without_pixel_data_is_stored(server):
     assert server.store.get_series(ds.SeriesInstanceUID).modality == "REG"
 
 
-def _still_serving(server: StorageServer, tmp_path: Path) -> None:
+def _still_serving(server: RunningSCP, tmp_path: Path) -> None:
     proc = echo(server)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     good = write(make_image(), tmp_path / f"good-{generate_uid(UID_PREFIX)}.dcm")

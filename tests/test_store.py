@@ -8,12 +8,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from dicom_helpers import UID_PREFIX, make_image, write
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_helpers import UID_PREFIX, make_image, write
-from dicom_node import store as store_mod
-from dicom_node.store import InvalidInstanceError, Store, StoreError
+from dicom_node.index import store as store_mod
+from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 
 
 @pytest.fixture
@@ -96,12 +96,21 @@ def test_new_instance_reopens_a_settled_series_but_a_duplicate_does_not(store):
     assert rec.state_changed >= rec.last_received
 
 
+def test_series_state_outside_its_life_cycle_is_refused(store):
+    """The schema's CHECK constraint (dicom_node.states): a typo'd state can never be written."""
+    ds = make_image()
+    put(store, ds)
+    uid = ds.SeriesInstanceUID
+    with pytest.raises(StoreError, match="CHECK constraint"):
+        store.set_series_state(uid, "failed", "not a series state")
+
+
 def test_set_series_state_compare_and_set(store):
     ds = make_image()
     put(store, ds)
     uid = ds.SeriesInstanceUID
     seen = store.get_series(uid)
-    assert not store.set_series_state(uid, "settled", "x", expected_state="failed")
+    assert not store.set_series_state(uid, "settled", "x", expected_state="unmatched")
     assert not store.set_series_state(uid, "settled", "x", unchanged_since=seen.last_received - 1)
     assert store.get_series(uid).state == "open"
     assert store.set_series_state(uid, "settled", "quiet", expected_state="open", unchanged_since=seen.last_received)
@@ -122,8 +131,8 @@ def test_list_series_filters_and_store_dataset_marks_derived(store):
     assert [s.series_uid for s in store.list_series(origin="derived")] == [derived.SeriesInstanceUID]
     assert [s.series_uid for s in store.list_series(origin="received")] == [a.SeriesInstanceUID]
     assert len(store.list_series()) == 2 and len(store.list_series(state="open")) == 2
-    store.set_series_state(a.SeriesInstanceUID, "failed", "test")
-    assert [s.series_uid for s in store.list_series(state="failed")] == [a.SeriesInstanceUID]
+    store.set_series_state(a.SeriesInstanceUID, "unmatched", "test")
+    assert [s.series_uid for s in store.list_series(state="unmatched")] == [a.SeriesInstanceUID]
     assert store.store_dataset(derived).duplicate
     assert list(store.tmp_dir.iterdir()) == []
 
@@ -167,7 +176,7 @@ def test_concurrent_copies_of_one_instance_are_stored_once(store):
         barrier.wait()
         try:
             results.append(store.store_received(tmp, "SCU"))
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - any failure is reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in tmps]

@@ -22,18 +22,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from dicom_helpers import UID_PREFIX, RunningSCP, dcmtk, free_port, json_logs, make_image, write
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_helpers import UID_PREFIX, dcmtk, free_port, json_logs, make_image, write
-from dicom_node import tls
-from dicom_node.config import ConfigError, Destination, DestinationTLS, NodeConfig, NodeSettings, NodeTLS, \
-    OutboxConfig, StorageConfig, load_config, parse_config
+from dicom_node.config import (
+    ConfigError,
+    DestinationTLS,
+    DicomDestination,
+    NodeConfig,
+    NodeSettings,
+    NodeTLS,
+    OutboxConfig,
+    StorageConfig,
+    load_config,
+    parse_config,
+)
+from dicom_node.index.store import Store
+from dicom_node.net import tls
 from dicom_node.outbox import Outbox
-from dicom_node.scp import StorageServer
-from dicom_node.store import Store
 
 NODE_AE = "FUSIONNODE"
 
@@ -55,7 +64,7 @@ class CA:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _key_usage(*, ca: bool) -> x509.KeyUsage:
@@ -139,7 +148,7 @@ def pki(tmp_path_factory) -> PKI:
 @pytest.fixture
 def capture():
     """JSON log lines of the node's loggers, as dicts."""
-    with json_logs("dicom_node.scp", "dicom_node.tls", "dicom_node.outbox") as log:
+    with json_logs("dicom_node.net.listener", "dicom_node.net.tls", "dicom_node.outbox") as log:
         yield log.events
 
 
@@ -156,11 +165,11 @@ def node_settings(tmp_path: Path, pki: PKI, *, plain: bool = True, require_clien
 
 @pytest.fixture
 def start_node(tmp_path, pki):
-    started: list[StorageServer] = []
+    started: list[RunningSCP] = []
 
-    def start(**kw) -> StorageServer:
+    def start(**kw) -> RunningSCP:
         cfg = node_settings(tmp_path, pki, **kw)
-        server = StorageServer(cfg, Store(cfg.storage.root, cfg.storage.database_path)).start()
+        server = RunningSCP(cfg, Store(cfg.storage.root, cfg.storage.database_path))
         started.append(server)
         return server
 
@@ -262,7 +271,7 @@ def test_client_certificate_optional_and_old_tls_refused(start_node, pki, captur
 def test_plain_port_can_be_switched_off(start_node, pki):
     server = start_node(plain=False)
     assert server.port == server.tls_port
-    assert server._bound("plain") is None
+    assert server.listener._bound("plain") is None
     echo = run("echoscu", *tls_args(pki.scu, pki.ca.pem), "-aec", NODE_AE, "127.0.0.1", server.port)
     assert echo.returncode == 0, echo
 
@@ -302,7 +311,7 @@ class TlsStorescp:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"storescp +tls did not start: {self.log.read_text()}")
+                    raise RuntimeError(f"storescp +tls did not start: {self.log.read_text()}") from None
                 time.sleep(0.05)
 
     def received(self) -> set[str]:
@@ -335,7 +344,7 @@ def storescp(tmp_path, pki):
 def outbox_for(tmp_path: Path, port: int, dest_tls: DestinationTLS, name: str) -> Outbox:
     settings = NodeSettings(
         node=NodeConfig(ae_title="FUSIONTEST", network_timeout_s=5),
-        destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port, tls=dest_tls)],
+        destinations=[DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port, tls=dest_tls)],
         outbox=OutboxConfig(max_attempts=3, backoff_initial_s=0.05, backoff_max_s=0.1),
     )
     return Outbox(tmp_path / f"{name}.sqlite", settings)

@@ -1,4 +1,4 @@
-"""dicom_node.volume: DICOM series -> SimpleITK volume with checked geometry; modality scales."""
+"""dicom_node.dicom.volume: DICOM series -> SimpleITK volume with checked geometry; modality scales."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.volume import GeometryError, load_series
+from dicom_node.dicom.volume import GeometryError, load_series
 from fusion.intensity import normalise_for_modality, percentile_normalise, suv_bw_factor, window
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

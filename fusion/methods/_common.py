@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion.backend import array_module
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def matlab_uint8(x: Any) -> Any:
@@ -55,7 +58,7 @@ def pca_detail_weights(d1: Any, d2: Any) -> tuple[Any, Any]:
 
     Bavirisetti & Dhuli fuse detail layers with the principal eigenvector of
     ``cov([D1(:) D2(:)])`` (MATLAB ``cov``, ddof = 1) scaled to sum to one
-    (SPEC section 2, rows ADF and FPDE).  The covariance is reduced over the last two
+    (docs/ports.md, ADF and FPDE).  The covariance is reduced over the last two
     axes so every slice of a stack gets its own weights, and the eigenvector of the
     2x2 symmetric matrix is written in closed form (no ``eig``, batched on CPU and GPU).
     Returned weights have shape ``(..., 1, 1)`` so they broadcast over the slice.
@@ -90,7 +93,7 @@ def pca_detail_weights(d1: Any, d2: Any) -> tuple[Any, Any]:
 
 
 # --- Box / guided filters, MATLAB fspecial-Gaussian filtering and imresize emulation
-# --- (added for TIF, MGFF, GFCE; SPEC section 2).  Everything works on the last two
+# --- (added for TIF, MGFF, GFCE; docs/ports.md).  Everything works on the last two
 # --- axes, so stacks (S, H, W) are filtered slice-independently in one batch.
 
 
@@ -177,7 +180,7 @@ def filter_symmetric(x: Any, k1d: Any) -> Any:
     return out
 
 
-def _imresize_contributions(in_len: int, out_len: int, scale: float, method: str):
+def _imresize_contributions(in_len: int, out_len: int, scale: float, method: str) -> tuple[np.ndarray, np.ndarray]:
     """Source indices and weights of MATLAB ``imresize`` along one axis (0-based indices).
 
     Follows ``imresize>contributions`` without antialiasing (MATLAB's default for

@@ -2,7 +2,7 @@
 
 Bavirisetti & Dhuli, "Fusion of infrared and visible sensor images based on
 anisotropic diffusion and Karhunen-Loeve transform", IEEE Sensors J. 16(1), 2016.
-Ported number for number from VIFB's ``run_ADF.m`` / ``anisodiff2D.m`` (SPEC section 2,
+Ported number for number from VIFB's ``run_ADF.m`` / ``anisodiff2D.m`` (VIFB snapshot 22b2ea9; docs/ports.md,
 row ADF), so that ``quantize=True`` reproduces VIFB's published outputs.
 """
 

@@ -3,7 +3,7 @@
 B. K. Shreyamsha Kumar, "Image fusion based on pixel significance using cross
 bilateral filter", Signal, Image and Video Processing 9(5), 2015.  Ported number for
 number from VIFB's ``run_CBF.m``, ``cross_bilateral_filt2Df.m``, ``cbf_ieeeconf2011f.m``
-and ``covarf.m`` (SPEC section 2, row CBF), so that ``quantize=True`` reproduces VIFB's
+and ``covarf.m`` (VIFB snapshot 22b2ea9; docs/ports.md, CBF), so that ``quantize=True`` reproduces VIFB's
 published outputs.
 """
 

@@ -2,7 +2,7 @@
 
 Bavirisetti, Xiao & Liu, "Multi-sensor image fusion based on fourth order partial
 differential equations", 20th Int. Conf. on Information Fusion (FUSION), 2017.
-Ported number for number from VIFB's ``run_FPDE.m`` / ``fpdepyou.m`` (SPEC section 2,
+Ported number for number from VIFB's ``run_FPDE.m`` / ``fpdepyou.m`` (VIFB snapshot 22b2ea9; docs/ports.md,
 row FPDE), so that ``quantize=True`` reproduces VIFB's published outputs.
 """
 

@@ -3,7 +3,7 @@
 Z. Zhou, M. Dong, X. Xie and Z. Gao, "Fusion of infrared and visible images for
 night-vision context enhancement", Applied Optics 55(23), 2016.  Ported number for number
 from VIFB's ``run_GFCE.m``, ``Ehn_GF.m``, ``fastguidedfilter_md.m``, ``guidedfilter.m``,
-``Relative_PS.m``, ``PS.m``, ``GradientSobel.m`` and ``WinAvgPE.m`` (SPEC section 2, row
+``Relative_PS.m``, ``PS.m``, ``GradientSobel.m`` and ``WinAvgPE.m`` (VIFB snapshot 22b2ea9; docs/ports.md, row
 GFCE), so that ``quantize=True`` reproduces VIFB's published outputs.
 
 Every image-wide quantity of the reference (min/max normalisations, the perceptual

@@ -4,7 +4,7 @@ H. Li, X.-J. Wu and J. Kittler, "MDLatLRR: A novel decomposition method for infr
 visible image fusion", IEEE Trans. Image Processing 29, 2020.  Ported number for number
 from VIFB's ``run_LatLRR.m``, ``fusion_method.m``, ``deep_latent.m``, ``decomposition.m``,
 ``fuison_base_parts.m`` and ``fuison_detail_parts.m`` with the 8x8 projection ``L_8``
-(SPEC section 2, row LatLRR), so that ``quantize=True`` reproduces VIFB's published
+(VIFB snapshot 22b2ea9; docs/ports.md, LatLRR), so that ``quantize=True`` reproduces VIFB's published
 outputs.
 
 Algorithm (``im2double`` images, i.e. the 0..1 scale):
@@ -49,14 +49,15 @@ stack's result bit-identical to its slices fused one by one.  On CPU the SVDs do
 from __future__ import annotations
 
 import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fusion import environment
 from fusion.backend import array_module
+from fusion.errors import FusionError
 from fusion.methods import register
 from fusion.methods._common import check_pair_unit, finish
 
@@ -71,20 +72,17 @@ MODEL_NAME = "L_8.npy"
 MODEL_SHA256 = "2fd86a4f44847e7672553839fba24d3a80d29dedea2c53ad01220a664c58a57a"
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(FusionError):
     """The MDLatLRR projection matrix ``L_8`` could not be found or failed its checksum."""
 
 
 def _model_candidates() -> list[Path]:
     out = []
-    if os.environ.get(MODEL_ENV):
-        out.append(Path(os.environ[MODEL_ENV]))
+    explicit = environment.latlrr_model()
+    if explicit is not None:
+        out.append(explicit)
     out.append(Path(__file__).resolve().parent / "models" / MODEL_NAME)
-    shared = os.environ.get("FUSION_SHARED_DIR")
-    if shared:
-        out.append(Path(shared) / "reference" / "vifb" / "models" / MODEL_NAME)
-    out.append(Path(__file__).resolve().parents[3] / "shared" / "reference" / "vifb" / "models"
-               / MODEL_NAME)
+    out.append(environment.shared_dir() / "reference" / "vifb" / "models" / MODEL_NAME)
     return out
 
 

@@ -3,7 +3,7 @@
 D. P. Bavirisetti, G. Xiao, J. Zhao, R. Dhuli and G. Liu, "Multi-scale guided image and
 video fusion: a fast and efficient approach", Circuits, Systems, and Signal Processing
 38(12), 2019.  Ported number for number from VIFB's ``run_MGFF.m``,
-``fuse_MGF_RGB.m``, ``guidedfilter_color.m`` and ``guidedfilter.m`` (SPEC section 2,
+``fuse_MGF_RGB.m``, ``guidedfilter_color.m`` and ``guidedfilter.m`` (VIFB snapshot 22b2ea9; docs/ports.md,
 row MGFF), so that ``quantize=True`` reproduces VIFB's published outputs.
 """
 

@@ -2,7 +2,7 @@
 
 D. P. Bavirisetti and R. Dhuli, "Two-scale image fusion of visible and infrared images
 using saliency detection", Infrared Physics & Technology 76, 2016.  Ported number for
-number from VIFB's ``run_TIF.m`` (SPEC section 2, row TIF), so that ``quantize=True``
+number from VIFB's ``run_TIF.m`` (VIFB snapshot 22b2ea9; docs/ports.md, TIF), so that ``quantize=True``
 reproduces VIFB's published outputs.
 """
 

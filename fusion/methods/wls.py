@@ -4,7 +4,7 @@ J. Ma, Z. Zhou, B. Wang and H. Zong, "Infrared and visible image fusion based on
 saliency map and weighted least square optimization", Infrared Physics & Technology 82,
 2017.  Ported number for number from VIFB's ``run_VSMWLS.m``, ``WLS_Fusion.m``,
 ``Visual_Weight_Map.m``, ``Solve_Optimal.m``, ``RollingGuidanceFilter_Guided.m`` and
-``gaussFilter.m`` (SPEC section 2, row WLS/VSMWLS), so that ``quantize=True`` reproduces
+``gaussFilter.m`` (VIFB snapshot 22b2ea9; docs/ports.md, WLS/VSMWLS), so that ``quantize=True`` reproduces
 VIFB's published outputs.
 
 Outline (images on the 0..1 scale, ``I1`` = IR role = ``b``, ``I2`` = VI role = ``a``):

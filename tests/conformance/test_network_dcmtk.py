@@ -1,6 +1,6 @@
 """The node's network behaviour as DCMTK's tools see it: Verification and Storage SCP.
 
-One running ``StorageServer`` (real sockets, a store in a temporary folder) is
+One running node listener (real sockets, a store in a temporary folder) is
 exercised with DCMTK's ``echoscu`` and ``storescu``:
 
 * C-ECHO, also with the most a requestor may propose (128 contexts x 38 syntaxes);
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_helpers import UID_PREFIX, RunningSCP, make_image, run_tool, write
 from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -45,10 +46,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_helpers import UID_PREFIX, make_image, run_tool, write
 from dicom_node.config import NodeSettings, StorageConfig
-from dicom_node.scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES, VERIFICATION_TRANSFER_SYNTAXES, StorageServer
-from dicom_node.store import Store
+from dicom_node.index.store import Store
+from dicom_node.net.listener import VERIFICATION_TRANSFER_SYNTAXES
+from dicom_node.net.storage_scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES
 
 SCP_AE = "FUSIONNODE"
 SCU_AE = "DCMTKSCU"
@@ -70,7 +71,7 @@ def server(tmp_path_factory):
     cfg = NodeSettings(storage=StorageConfig(root=root / "data"))
     cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={
         "ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 20.0})})
-    server = StorageServer(cfg, Store(cfg.storage.root, cfg.storage.database_path)).start()
+    server = RunningSCP(cfg, Store(cfg.storage.root, cfg.storage.database_path))
     yield server
     server.stop()
 
@@ -125,7 +126,7 @@ ENCODERS: dict[str, tuple[int, int, str, Callable[[Path, Path], None]]] = {
 }
 
 
-def storescu_proposing(server: StorageServer, files: list[Path], pairs: list[tuple[str, str]],
+def storescu_proposing(server: RunningSCP, files: list[Path], pairs: list[tuple[str, str]],
                        workdir: Path) -> subprocess.CompletedProcess:
     """storescu proposing exactly ``pairs`` of (SOP class, transfer syntax), one context each."""
     syntaxes = sorted({ts for _, ts in pairs})

@@ -1,6 +1,6 @@
 """Every kind of object the node writes is a valid instance of its IOD.
 
-What the pipeline writes (dicom_node/pipeline.py -> dicom_node/derived.py):
+What the pipeline writes (dicom_node/workflow/stages.py -> dicom_node/dicom/sc.py, reg.py):
 
 * a Secondary Capture Image series, one single-frame image per base slice:
   MONOCHROME2 when both inputs are anatomical (MR onto CT), RGB when PET/SPECT is
@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_helpers import SC_GEOMETRY_WARNINGS, UID_PREFIX, dciodvfy, source_series, through_disk
 from pydicom.charset import CODES_TO_ENCODINGS, python_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, SpatialRegistrationStorage
 
-from dicom_helpers import SC_GEOMETRY_WARNINGS, UID_PREFIX, dciodvfy, source_series, through_disk
-from dicom_node.derived import IMPLEMENTATION_CLASS_UID, SC_MODALITY, build_registration, build_sc_series
+from dicom_node.dicom.derived import IMPLEMENTATION_CLASS_UID
+from dicom_node.dicom.reg import build_registration
+from dicom_node.dicom.sc import SC_MODALITY, build_sc_series
 
 CHARSETS = {
     "latin1": ("ISO_IR 100", "Müller^Jörg", "Schädel nativ"),

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_helpers import UID_PREFIX, RunningSCP, dcmtk, free_port, make_image, run_tool, write
 from pydicom import dcmread
 from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom.dsutils import split_dataset
 
-from dicom_helpers import UID_PREFIX, dcmtk, free_port, make_image, run_tool, write
 from dicom_node.config import parse_config
-from dicom_node.qr import QueryRetrieveService
-from dicom_node.store import Store
+from dicom_node.index.store import Store
 
 SCP_AE = "FUSIONNODE"
 DEST_AE = "DCMTKDEST"
@@ -60,7 +59,7 @@ def node(tmp_path_factory, storescp):
         "destinations": [{"name": "dcmtk", "ae_title": DEST_AE, "host": "127.0.0.1", "port": storescp.port}],
     })
     store = Store(cfg.storage.root, cfg.storage.database_path)
-    server = QueryRetrieveService(cfg, store).server().start()
+    server = RunningSCP(cfg, store, query_retrieve=True)
 
     studies = {k: generate_uid(UID_PREFIX) for k in "ABC"}
     series = {k: generate_uid(UID_PREFIX) for k in ("A-CT", "A-MR", "A-FUSED", "B-CT", "C-MR")}

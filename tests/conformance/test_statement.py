@@ -20,21 +20,34 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dicom_helpers import UID_PREFIX, free_port, source_series
 from pydantic import BaseModel
-from pydicom.charset import python_encoding
 from pydicom import dcmread
+from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_description, dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.status import code_to_category
 
-from dicom_helpers import UID_PREFIX, free_port, source_series
-from dicom_node import access, derived, outbox, qr, query, scp, tls
+from dicom_node.config import (
+    DestinationTLS,
+    DicomDestination,
+    NodeConfig,
+    NodeSettings,
+    OutboxConfig,
+    QueryRetrieveConfig,
+    StorageConfig,
+)
+from dicom_node.dicom import derived
+from dicom_node.dicom import reg as reg_module
+from dicom_node.dicom import sc as sc_module
+from dicom_node.index import matching as query
+from dicom_node.index.store import Store
+from dicom_node.net import access, listener, statuses, storage_scp, tls
+from dicom_node.net import query_retrieve as qr
 from dicom_node.outbox import Outbox
-from dicom_node.config import (Destination, DestinationTLS, NodeConfig, NodeSettings, OutboxConfig,
-                                QueryRetrieveConfig, StorageConfig)
-from dicom_node.store import Store
+from dicom_node.outbox import queue as outbox
 
 STATEMENT = Path(__file__).resolve().parents[2] / "docs" / "conformance-statement.md"
 _MARKER = re.compile(r"^<!-- table: ([a-z0-9-]+) -->\s*$")
@@ -100,10 +113,6 @@ def _codes(rows: list[dict[str, str]], column: str) -> list[int]:
     return [int(c, 16) for r in rows for c in re.findall(r"0x[0-9A-Fa-f]{4}", r[column])]
 
 
-def _statuses(module: Any) -> dict[str, int]:
-    return {k: v for k, v in vars(module).items() if k.startswith("STATUS_") and isinstance(v, int)}
-
-
 #: PS3.4 status classes as the statement names them, by pynetdicom's category of the code
 _CLASS_NAMES = {"Success": ("Success",), "Warning": ("Warning",), "Pending": ("Pending",), "Cancel": ("Cancel",),
                 "Failure": ("Error", "Refused", "Failed")}
@@ -123,22 +132,22 @@ def test_every_marked_table_is_checked(tables):
 
 def test_verification_scp(tables):
     assert _uid_table(tables, "verification-scp-sop-classes") == ["1.2.840.10008.1.1"]
-    assert _uid_table(tables, "verification-scp-transfer-syntaxes") == list(scp.VERIFICATION_TRANSFER_SYNTAXES)
+    assert _uid_table(tables, "verification-scp-transfer-syntaxes") == list(listener.VERIFICATION_TRANSFER_SYNTAXES)
 
 
 def test_storage_scp_sop_classes(tables):
     listed = _uid_table(tables, "storage-scp-sop-classes")
     assert len(listed) == len(set(listed))
-    assert set(listed) == set(scp.STORAGE_SOP_CLASSES)
+    assert set(listed) == set(storage_scp.STORAGE_SOP_CLASSES)
 
 
 def test_storage_scp_transfer_syntaxes_in_order_of_preference(tables):
-    assert _uid_table(tables, "storage-scp-transfer-syntaxes") == list(scp.STORAGE_TRANSFER_SYNTAXES)
+    assert _uid_table(tables, "storage-scp-transfer-syntaxes") == list(storage_scp.STORAGE_TRANSFER_SYNTAXES)
 
 
 def test_storage_scp_statuses(tables):
     listed = _codes(tables["storage-scp-status"], "Code")
-    assert sorted(listed) == sorted(set(_statuses(scp).values()))
+    assert sorted(listed) == sorted(statuses.STORAGE_SCP)
     _check_status_classes(tables["storage-scp-status"])
 
 
@@ -152,7 +161,7 @@ def test_qr_scp_sop_classes_and_syntaxes(tables):
 def test_qr_scp_statuses(tables):
     listed = _codes(tables["qr-scp-status"], "Code")
     assert len(listed) == len(set(listed))
-    assert set(listed) == set(_statuses(qr).values())
+    assert set(listed) == set(statuses.QUERY_RETRIEVE_SCP)
     _check_status_classes(tables["qr-scp-status"])
 
 
@@ -180,9 +189,9 @@ def _built_objects(folder: Path) -> list[Path]:
     study = generate_uid(UID_PREFIX)
     ct = source_series("CT", 2, study_uid=study)
     mr = source_series("MR", 2, study_uid=study)
-    sc = derived.build_sc_series(ct, mr, np.zeros((2, 16, 16), np.uint8), uid_root=UID_PREFIX,
+    sc = sc_module.build_sc_series(ct, mr, np.zeros((2, 16, 16), np.uint8), uid_root=UID_PREFIX,
                                  series_description="F", derivation_description="D")[0]
-    reg = derived.build_registration(ct, mr, np.eye(4), uid_root=UID_PREFIX, content_label="RIGID_MI")
+    reg = reg_module.build_registration(ct, mr, np.eye(4), uid_root=UID_PREFIX, content_label="RIGID_MI")
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "sc.dcm", folder / "reg.dcm"]
     sc.save_as(paths[0], enforce_file_format=True)
@@ -227,7 +236,7 @@ def test_outbox_proposes_what_the_statement_says_and_handles_statuses(tables, tm
     peer = _RecordingSCP(scu_classes)
     try:
         settings = NodeSettings(storage=StorageConfig(root=tmp_path / "data"),
-                                destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1",
+                                destinations=[DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1",
                                                           port=peer.port)])
         expected_state = {"Success": "sent", "Warning": "sent", "Failure": "pending"}
         for category, codes in status_rows.items():
@@ -255,7 +264,7 @@ def test_outbox_context_limit(tables):
 
 def _ae(tmp_path: Path) -> AE:
     cfg = NodeSettings(storage=StorageConfig(root=tmp_path / "data"))
-    return scp.StorageServer(cfg, Store(cfg.storage.root, cfg.storage.database_path)).build_ae()
+    return listener.Listener(cfg, [storage_scp.StorageService(Store(cfg.storage.root, cfg.storage.database_path))]).build_ae()
 
 
 def test_association_parameters(tables, tmp_path):
@@ -379,7 +388,7 @@ def _variants(folder: Path) -> tuple[list[Dataset], list[Dataset]]:
     for h in full:
         # every attribute derived.py copies from the base when present (its own lists, so a new one
         # without a row in the statement fails)
-        for kw in (*derived._COPIED_TYPE2, *derived._COPIED_OPTIONAL):
+        for kw in (*derived.COPIED_TYPE2, *derived.COPIED_OPTIONAL):
             if kw not in h:
                 setattr(h, kw, _value_for(kw))
         h.Laterality = "L"
@@ -387,12 +396,12 @@ def _variants(folder: Path) -> tuple[list[Dataset], list[Dataset]]:
     mr_same = source_series("MR", 2, study_uid=study)
     mr_other = source_series("MR", 2)  # another study: Studies Containing Other Referenced Instances
     eq = derived.Equipment(institution_name="General Hospital")
-    grey = derived.build_sc_series(full, mr_same, np.zeros((2, 16, 16), np.uint8), uid_root=UID_PREFIX,
+    grey = sc_module.build_sc_series(full, mr_same, np.zeros((2, 16, 16), np.uint8), uid_root=UID_PREFIX,
                                    series_description="F", derivation_description="D", equipment=eq)
-    rgb = derived.build_sc_series(plain, mr_other, np.zeros((2, 16, 16, 3), np.uint8), uid_root=UID_PREFIX,
+    rgb = sc_module.build_sc_series(plain, mr_other, np.zeros((2, 16, 16, 3), np.uint8), uid_root=UID_PREFIX,
                                   series_description="F", derivation_description="D", overlay_index=[[0], [1]])
-    regs = [derived.build_registration(full, mr_same, np.eye(4), uid_root=UID_PREFIX, content_label="X", equipment=eq),
-            derived.build_registration(plain, mr_other, np.eye(4), uid_root=UID_PREFIX, content_label="X")]
+    regs = [reg_module.build_registration(full, mr_same, np.eye(4), uid_root=UID_PREFIX, content_label="X", equipment=eq),
+            reg_module.build_registration(plain, mr_other, np.eye(4), uid_root=UID_PREFIX, content_label="X")]
     return [*grey, *rgb], regs
 
 

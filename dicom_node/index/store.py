@@ -1,0 +1,585 @@
+"""Durable instance store: Part-10 files on disk plus a SQLite index of patient/study/series/instance.
+
+The durability rule of the node (docs/architecture.md) lives here: an instance counts as
+stored only once its file is fsynced, renamed into place, its directory entry
+fsynced, and its index row committed.  The SCP answers Success only after
+:meth:`Store.store_received` returns, so a power cut can never lose an
+acknowledged instance.
+
+Files live at ``root/instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``;
+temporary files are written to ``root/tmp`` so that the final ``os.replace``
+stays on one filesystem and is atomic.  The index stores paths relative to
+``root`` so a data folder can be moved as a whole.
+
+Re-sending an instance is harmless: the SOP Instance UID is the key, a second
+copy is discarded and reported as a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.dicom.uids import InvalidInstanceError, check_uid
+from dicom_node.errors import NodeError
+from dicom_node.index import db
+from dicom_node.logs import fields
+from dicom_node.states import SeriesState, check_in
+
+log = logging.getLogger("dicom_node.index.store")
+
+REOPEN_REASON = "new instance after settle"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_id TEXT,
+    patient_name TEXT,
+    patient_birth_date TEXT,
+    patient_sex TEXT,
+    study_date TEXT,
+    study_time TEXT,
+    accession_number TEXT,
+    study_description TEXT,
+    study_id TEXT,
+    referring_physician_name TEXT,
+    specific_character_set TEXT
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    modality TEXT,
+    series_description TEXT,
+    series_number INTEGER,
+    series_date TEXT,
+    series_time TEXT,
+    frame_of_reference_uid TEXT,
+    body_part TEXT,
+    announced_count INTEGER,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    first_received REAL,
+    last_received REAL,
+    state TEXT NOT NULL DEFAULT 'open' {check_in('state', SeriesState)},
+    state_reason TEXT,
+    state_changed REAL,
+    origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'derived'))
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    instance_number INTEGER,
+    rows INTEGER,
+    columns INTEGER,
+    number_of_frames INTEGER,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae TEXT,
+    called_ae TEXT
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_id);
+"""
+
+#: columns added after the first release: (table, column, declaration); added to older databases on open
+_ADDED_COLUMNS = (
+    # the Called AE Title an instance was sent to: a pipeline with its own AE title pairs only what came through it
+    ("instances", "called_ae", "TEXT"),
+)
+
+
+class StoreError(NodeError):
+    """The disk or the index failed; the instance is not stored and the sender should retry.
+
+    The SCP answers 0xA700 (Out of Resources) for it.
+    """
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    path: Path
+    duplicate: bool = False
+    sop_class_uid: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    #: absolute path of the Part-10 file
+    path: Path
+    size_bytes: int
+    received_at: float
+    calling_ae: str | None
+    #: the Called AE Title it was sent to (the node's or a pipeline's); None for derived or older instances
+    called_ae: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """One series with its study and patient fields joined.
+
+    Patient identifiers are left out of ``repr`` so that logging a record by
+    accident does not leak them.
+    """
+
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    series_description: str | None
+    series_number: int | None
+    series_date: str | None
+    series_time: str | None
+    frame_of_reference_uid: str | None
+    body_part: str | None
+    announced_count: int | None
+    instance_count: int
+    first_received: float | None
+    last_received: float | None
+    state: str
+    state_reason: str | None
+    state_changed: float | None
+    origin: str
+    patient_id: str | None = field(default=None, repr=False)
+    patient_name: str | None = field(default=None, repr=False)
+    patient_birth_date: str | None = field(default=None, repr=False)
+    patient_sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    accession_number: str | None = field(default=None, repr=False)
+    study_description: str | None = None
+    study_id: str | None = None
+    referring_physician_name: str | None = field(default=None, repr=False)
+    specific_character_set: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+    #: series per state, e.g. {"open": 2, "settled": 5}
+    series_by_state: dict[str, int]
+
+
+_STUDY_COLS = (
+    "patient_id", "patient_name", "patient_birth_date", "patient_sex", "study_date", "study_time",
+    "accession_number", "study_description", "study_id", "referring_physician_name", "specific_character_set",
+)
+_SERIES_SELECT = "SELECT s.*, " + ", ".join(f"st.{c}" for c in _STUDY_COLS) + (
+    " FROM series s LEFT JOIN studies st ON st.study_uid = s.study_uid"
+)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """A header value as text, None when absent or empty (NULL keeps COALESCE upserts simple)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value) or None
+    return str(value).strip() or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path: Path) -> None:
+    """mkdir -p that fsyncs each parent whose entries changed, so new folders survive a power cut."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue  # another thread made it; it fsynced the parent
+        _fsync_dir(d.parent)
+
+
+def _fsync_file(path: Path) -> int:
+    """fsync a finished file and return its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """Instance files plus their index. Safe to share between threads (one SQLite connection per thread)."""
+
+    def __init__(self, root: Path, db_path: Path) -> None:
+        self.root = Path(root)
+        self.db_path = Path(db_path)
+        self._local = threading.local()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Where partial files are written; on the same filesystem as the instances, so rename is atomic."""
+        return self.root / "tmp"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.root / "instances"
+
+    def new_tmp_path(self, suffix: str = ".part") -> Path:
+        """A fresh, unique path under :attr:`tmp_dir` for a file about to be handed to :meth:`store_received`."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = db.connect(self.db_path)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"cannot open the index {self.db_path}: {exc}; check the path, permissions and free space") from exc
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (other threads' connections close when their threads end)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def ensure_schema(self) -> None:
+        """Create the folders and the index tables; harmless when they exist."""
+        try:
+            _make_dirs(self.instances_dir)
+            _make_dirs(self.tmp_dir)
+            conn = self._conn()
+            conn.executescript(_SCHEMA)
+            self._migrate(conn)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot prepare the store under {self.root}: {exc}; check permissions and free space") from exc
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Add columns that databases written by older versions lack (ALTER TABLE ... ADD COLUMN)."""
+
+        def missing() -> list[tuple[str, str, str]]:
+            return [(t, c, d) for t, c, d in _ADDED_COLUMNS
+                    if c not in {r["name"] for r in conn.execute(f"PRAGMA table_info({t})")}]
+
+        if not missing():
+            return
+        with db.transaction(conn):
+            for table, column, decl in missing():  # again under the lock: another process may have done it
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                log.info("store.schema.migrated", extra=fields(table=table, added_column=column))
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        return Path("instances") / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+
+    # -- writing ----------------------------------------------------------------------
+
+    def store_received(self, tmp_path: Path, calling_ae: str, origin: str = "received", *,
+                       called_ae: str | None = None) -> StoreResult:
+        """Move a complete Part-10 file into the store and index it; idempotent on SOP Instance UID.
+
+        ``tmp_path`` should lie under :attr:`tmp_dir` (same filesystem).  The
+        file is consumed either way: moved into place, or deleted when the
+        instance is already stored.  Raises :class:`InvalidInstanceError` for a
+        file that is not a storable instance (left in place for the caller)
+        and :class:`StoreError` when the disk or the index fails.
+        ``called_ae`` is the Called AE Title it was sent to; a duplicate keeps
+        the one of its first arrival.
+        """
+        if origin not in ("received", "derived"):
+            raise ValueError("origin is 'received' or 'derived'")
+        tmp_path = Path(tmp_path)
+        try:
+            ds = dcmread(tmp_path, stop_before_pixels=True)
+        except Exception as exc:
+            raise InvalidInstanceError(f"cannot read the DICOM header: {exc}") from exc
+        study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = check_uid(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID"), "SOPClassUID")
+        tsyntax = str(ds.file_meta.get("TransferSyntaxUID") or "")
+        if not tsyntax:
+            raise InvalidInstanceError("the file has no Transfer Syntax UID in its file meta information")
+
+        rel = self.relative_path(study_uid, series_uid, sop_uid)
+        final = self.root / rel
+        conn = self._conn()
+
+        # Fast path: a re-send of a stored instance needs no write lock at all.
+        try:
+            if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
+                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+        except sqlite3.Error as exc:
+            raise StoreError(f"index lookup failed: {exc}; check the database {self.db_path}") from exc
+
+        try:
+            size = _fsync_file(tmp_path)  # the slow part, done before taking the write lock
+            _make_dirs(final.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot write {final.parent}: {exc}; check free space and permissions under {self.root}") from exc
+
+        now = db.now()
+        placed = False
+        try:
+            with db.transaction(conn):
+                # Checked again under the lock: another association may have stored it meanwhile.
+                if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
+                    duplicate = True
+                else:
+                    duplicate = False
+                    os.replace(tmp_path, final)
+                    placed = True
+                    _fsync_dir(final.parent)
+                    self._index(conn, ds, study_uid, series_uid, sop_uid, sop_class, tsyntax, rel, size, now,
+                                calling_ae, origin, called_ae)
+        except (sqlite3.Error, OSError) as exc:
+            if placed:
+                # No index row refers to it (the transaction rolled back); an unindexed file
+                # would only confuse an operator, and the sender will retry.
+                try:
+                    final.unlink()
+                except OSError:
+                    pass
+            raise StoreError(f"storing instance {sop_uid} failed: {exc}; check free space and the database {self.db_path}") from exc
+        if duplicate:
+            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+        log.debug("store.instance.stored", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid,
+                                                          size_bytes=size, origin=origin))
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class)
+
+    def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path,
+                           sop_class: str) -> StoreResult:
+        try:
+            tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a leftover temp file is untidy, not a failure to store
+            log.warning("store.tmp.unlink_failed", extra=fields(path=str(tmp_path), error=str(exc)))
+        log.debug("store.instance.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid))
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class)
+
+    def _index(self, conn: sqlite3.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
+               sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,
+               called_ae: str | None = None) -> None:
+        study = {
+            "patient_id": _text(ds, "PatientID"),
+            "patient_name": _text(ds, "PatientName"),
+            "patient_birth_date": _text(ds, "PatientBirthDate"),
+            "patient_sex": _text(ds, "PatientSex"),
+            "study_date": _text(ds, "StudyDate"),
+            "study_time": _text(ds, "StudyTime"),
+            "accession_number": _text(ds, "AccessionNumber"),
+            "study_description": _text(ds, "StudyDescription"),
+            "study_id": _text(ds, "StudyID"),
+            "referring_physician_name": _text(ds, "ReferringPhysicianName"),
+            "specific_character_set": _text(ds, "SpecificCharacterSet"),
+        }
+        cols = ", ".join(study)
+        conn.execute(
+            f"INSERT INTO studies (study_uid, {cols}) VALUES (?, {', '.join('?' * len(study))}) "
+            "ON CONFLICT(study_uid) DO UPDATE SET "
+            + ", ".join(f"{c} = COALESCE(studies.{c}, excluded.{c})" for c in study),
+            (study_uid, *study.values()),
+        )
+        row = conn.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, series_description, series_number, series_date,"
+                " series_time, frame_of_reference_uid, body_part, announced_count, instance_count, first_received,"
+                " last_received, state, state_reason, state_changed, origin)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, 'open', 'first instance', ?, ?)",
+                (series_uid, study_uid, _text(ds, "Modality"), _text(ds, "SeriesDescription"),
+                 _int(ds, "SeriesNumber"), _text(ds, "SeriesDate"), _text(ds, "SeriesTime"),
+                 _text(ds, "FrameOfReferenceUID"), _text(ds, "BodyPartExamined"),
+                 _int(ds, "ImagesInAcquisition"), now, now, now, origin),
+            )
+        else:
+            reopen = row["state"] != SeriesState.OPEN
+            conn.execute(
+                "UPDATE series SET instance_count = instance_count + 1, last_received = ?,"
+                " announced_count = COALESCE(announced_count, ?),"
+                " frame_of_reference_uid = COALESCE(frame_of_reference_uid, ?)"
+                + (", state = 'open', state_reason = ?, state_changed = ?" if reopen else "")
+                + " WHERE series_uid = ?",
+                (now, _int(ds, "ImagesInAcquisition"), _text(ds, "FrameOfReferenceUID"),
+                 *((REOPEN_REASON, now) if reopen else ()), series_uid),
+            )
+            if reopen:
+                log.info("store.series.reopened", extra=fields(series_uid=series_uid, previous_state=row["state"],
+                                                                reason=REOPEN_REASON))
+        conn.execute(
+            "INSERT INTO instances (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax_uid, instance_number,"
+            " rows, columns, number_of_frames, path, size_bytes, received_at, calling_ae, called_ae)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sop_uid, series_uid, sop_class, tsyntax, _int(ds, "InstanceNumber"), _int(ds, "Rows"),
+             _int(ds, "Columns"), _int(ds, "NumberOfFrames"), rel.as_posix(), size, now, calling_ae,
+             (called_ae or "").strip() or None),
+        )
+
+    def store_dataset(self, ds: Dataset, origin: str = "derived", calling_ae: str | None = None) -> StoreResult:
+        """Store a dataset the node made itself (a derived series) through the same atomic path.
+
+        ``ds.file_meta`` is completed when parts are missing (Explicit VR Little
+        Endian unless the dataset says otherwise); the dataset is not modified otherwise.
+        """
+        meta = FileMetaDataset(getattr(ds, "file_meta", None) or FileMetaDataset())
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "TransferSyntaxUID" not in meta:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        tmp = self.new_tmp_path()
+        saved_meta = getattr(ds, "file_meta", None)
+        try:
+            ds.file_meta = meta
+            ds.save_as(tmp, enforce_file_format=True)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {tmp}: {exc}; check free space and permissions under {self.root}") from exc
+        except Exception:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            if saved_meta is not None:
+                ds.file_meta = saved_meta
+        try:
+            return self.store_received(tmp, calling_ae or "", origin=origin)
+        except InvalidInstanceError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"index query failed: {exc}; check the database {self.db_path}") from exc
+
+    @staticmethod
+    def _series(row: sqlite3.Row) -> SeriesRecord:
+        return SeriesRecord(**{k: row[k] for k in row.keys()})
+
+    def _instance(self, row: sqlite3.Row) -> InstanceRecord:
+        data = {k: row[k] for k in row.keys()}
+        data["path"] = self.root / data["path"]
+        return InstanceRecord(**data)
+
+    def get_series(self, uid: str) -> SeriesRecord | None:
+        rows = self._query(_SERIES_SELECT + " WHERE s.series_uid = ?", (uid,))
+        return self._series(rows[0]) if rows else None
+
+    def list_series(self, state: str | None = None, origin: str | None = None) -> list[SeriesRecord]:
+        """Series filtered by state and/or origin, oldest first (by first instance received)."""
+        where, params = [], []
+        if state is not None:
+            where.append("s.state = ?")
+            params.append(state)
+        if origin is not None:
+            where.append("s.origin = ?")
+            params.append(origin)
+        sql = _SERIES_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY s.first_received, s.series_uid"
+        return [self._series(r) for r in self._query(sql, tuple(params))]
+
+    def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        rows = self._query("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return self._instance(rows[0]) if rows else None
+
+    def instances(self, series_uid: str) -> list[InstanceRecord]:
+        """The series' instances by InstanceNumber (missing numbers last), then UID."""
+        rows = self._query(
+            "SELECT * FROM instances WHERE series_uid = ?"
+            " ORDER BY instance_number IS NULL, instance_number, sop_instance_uid",
+            (series_uid,),
+        )
+        return [self._instance(r) for r in rows]
+
+    def called_aes(self, series_uid: str) -> frozenset[str]:
+        """The Called AE Titles the series' instances were sent to (empty for derived or pre-migration ones)."""
+        rows = self._query("SELECT DISTINCT called_ae FROM instances WHERE series_uid = ? AND called_ae IS NOT NULL",
+                           (series_uid,))
+        return frozenset(r["called_ae"] for r in rows)
+
+    def set_series_state(self, uid: str, state: str, reason: str, *, expected_state: str | None = None,
+                         unchanged_since: float | None = None) -> bool:
+        """Change a series' state and record why; returns whether the change was made.
+
+        ``expected_state`` and ``unchanged_since`` make it a compare-and-set, so a
+        settle sweep that read a series a moment ago does not settle it over an
+        instance that just arrived: the change applies only while the state is
+        still ``expected_state`` and no instance arrived after ``unchanged_since``
+        (compare with the ``last_received`` the caller read).
+        Raises KeyError for an unknown series.
+        """
+        sql = "UPDATE series SET state = ?, state_reason = ?, state_changed = ? WHERE series_uid = ?"
+        params: list[Any] = [state, reason, db.now(), uid]
+        if expected_state is not None:
+            sql += " AND state = ?"
+            params.append(expected_state)
+        if unchanged_since is not None:
+            sql += " AND (last_received IS NULL OR last_received <= ?)"
+            params.append(unchanged_since)
+        conn = self._conn()
+        try:
+            with db.transaction(conn):
+                changed = conn.execute(sql, tuple(params)).rowcount
+                if not changed and not conn.execute("SELECT 1 FROM series WHERE series_uid = ?", (uid,)).fetchone():
+                    raise KeyError(uid)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot update series state: {exc}; check the database {self.db_path}") from exc
+        if changed:  # the decision itself is logged once by whoever made it (pairing.*, settle)
+            log.debug("store.series.state", extra=fields(series_uid=uid, state=state, reason=reason))
+        return bool(changed)
+
+    def counts(self) -> StoreCounts:
+        """Totals for ``fusion-node status``."""
+        (row,) = self._query(
+            "SELECT (SELECT COUNT(*) FROM studies) AS studies, (SELECT COUNT(*) FROM series) AS series,"
+            " (SELECT COUNT(*) FROM instances) AS instances, (SELECT COALESCE(SUM(size_bytes), 0) FROM instances) AS bytes"
+        )
+        by_state = {r["state"]: r["n"] for r in self._query("SELECT state, COUNT(*) AS n FROM series GROUP BY state")}
+        return StoreCounts(row["studies"], row["series"], row["instances"], row["bytes"], by_state)

@@ -1,0 +1,227 @@
+"""The Storage SCP: C-STORE handled as a stream to disk, checked, then made durable.
+
+A C-STORE is answered Success only after :meth:`Store.store_received` has
+returned, i.e. the instance is fsynced, renamed into place and indexed (the
+durability rule, docs/architecture.md).  Everything that can be wrong with an
+incoming instance is checked before that (``dicom_node.dicom.validation``), and
+each rejection is logged with its reason and the exact DIMSE status the sender
+sees, so an operator can tell a misbehaving modality from a full disk.
+
+Datasets are never held whole in memory: pynetdicom writes each incoming
+dataset to a temporary file while it arrives; the handler copies it behind our
+own File Meta Information into the store's ``tmp`` folder and hands that file
+to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRColorImageStorage,
+    EnhancedMRImageStorage,
+    EnhancedPETImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    LegacyConvertedEnhancedPETImageStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+    SpatialRegistrationStorage,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
+
+from dicom_node.dicom import validation
+from dicom_node.index.store import InvalidInstanceError, Store, StoreError
+from dicom_node.logs import fields
+from dicom_node.net import statuses
+from dicom_node.net.association import called_ae
+
+log = logging.getLogger("dicom_node.net.storage_scp")
+
+# -- conformance: what the node accepts (the conformance statement is checked against these) --
+
+#: transfer syntaxes accepted for every storage SOP class, in order of preference: of the syntaxes a
+#: requestor proposes in one context, pynetdicom accepts the first of *this* list.  Explicit VR first, so
+#: VRs (private elements included) survive and C-GET callers get what most PACS store; Implicit VR second,
+#: the default every peer supports; compressed syntaxes only when the sender offers no uncompressed one
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14, SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+#: storage SOP classes the node accepts as SCP
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    CTImageStorage,
+    MRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    NuclearMedicineImageStorage,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    EnhancedMRColorImageStorage,
+    EnhancedPETImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    LegacyConvertedEnhancedPETImageStorage,
+    SpatialRegistrationStorage,
+)
+
+#: the status the sender sees for each kind of intake problem
+_PROBLEM_STATUS = {
+    validation.MISMATCH: statuses.DOES_NOT_MATCH_SOP_CLASS,
+    validation.UNDECODABLE: statuses.CANNOT_UNDERSTAND,
+}
+
+
+def _c_store(event: evt.Event) -> C_STORE:
+    """The request of an EVT_C_STORE event (pynetdicom types ``event.request`` as any DIMSE request)."""
+    request = event.request
+    assert isinstance(request, C_STORE), f"not a C-STORE event: {type(request).__name__}"
+    return request
+
+
+def write_part10(event: evt.Event, dest: Path, calling_ae: str) -> None:
+    """Write the received dataset as a Part-10 file: preamble, our File Meta, then the bytes as received.
+
+    The dataset bytes are copied untouched (compressed stays compressed,
+    deflated stays deflated), streamed from pynetdicom's temporary file.
+    """
+    meta = FileMetaDataset(event.file_meta)
+    if calling_ae:
+        meta.SourceApplicationEntityTitle = calling_ae
+    with open(dest, "wb") as out:
+        out.write(b"\x00" * 128 + b"DICM")
+        # pydicom types the destination as its DicomIO wrapper (it only calls write() on it)
+        write_file_meta_info(DicomFileLike(out), meta, enforce_standard=True)
+        try:
+            src_path = event.dataset_path
+        except AttributeError:
+            src_path = None
+        if src_path is None:
+            # chunked receiving was switched off by someone else: the bytes are in memory already
+            data = _c_store(event).DataSet
+            assert data is not None  # not streamed to a file: pynetdicom kept the data set in memory
+            out.write(data.getvalue())
+            return
+        _, offset = split_dataset(Path(src_path))
+        with open(src_path, "rb") as src:
+            src.seek(offset)
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
+class _Counts:
+    __slots__ = ("stored", "duplicates", "rejected")
+
+    def __init__(self) -> None:
+        self.stored = self.duplicates = self.rejected = 0
+
+
+class StorageService:
+    """C-STORE for the listener: every storage SOP class, streamed to the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._counts: dict[int, _Counts] = {}
+        self._lock = threading.Lock()
+
+    # -- the listener's service protocol (dicom_node.net.listener.Service) --------------
+
+    def configure(self, ae: AE) -> None:
+        self.store.ensure_schema()  # before the first C-STORE: folders and index exist
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [(evt.EVT_C_STORE, self.on_store)]
+
+    def summary(self, assoc: Any) -> dict[str, int]:
+        """What this association stored; forgotten afterwards (the listener logs it at release/abort)."""
+        with self._lock:
+            c = self._counts.pop(id(assoc), None) or _Counts()
+        return {"stored": c.stored, "duplicates": c.duplicates, "rejected": c.rejected}
+
+    def _counts_for(self, assoc: Any) -> _Counts:
+        with self._lock:
+            return self._counts.setdefault(id(assoc), _Counts())
+
+    # -- C-STORE ------------------------------------------------------------------------
+
+    def on_store(self, event: evt.Event) -> int:
+        calling_ae = event.assoc.requestor.ae_title
+        sop_uid = str(_c_store(event).AffectedSOPInstanceUID)
+        counts = self._counts_for(event.assoc)
+        try:
+            status = self._store(event, calling_ae, sop_uid, counts)
+        except Exception:
+            # A bug must cost one instance, never the listener.
+            log.exception("scp.store.error", extra=fields(sop_instance_uid=sop_uid, calling_ae=calling_ae,
+                                                          status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
+            status = statuses.CANNOT_UNDERSTAND
+        if status != statuses.SUCCESS:
+            counts.rejected += 1
+        return status
+
+    def _reject(self, status: int, reason: str, detail: str, sop_uid: str, calling_ae: str) -> int:
+        # detail is an exception text about tags and lengths; capped so a decoder cannot flood the log
+        log.warning("scp.store.rejected", extra=fields(reason=reason, detail=detail[:300], sop_instance_uid=sop_uid,
+                                                       calling_ae=calling_ae, status=statuses.hex_status(status)))
+        return status
+
+    def _store(self, event: evt.Event, calling_ae: str, sop_uid: str, counts: _Counts) -> int:
+        tmp = self.store.new_tmp_path(".dcm")
+        try:
+            try:
+                write_part10(event, tmp, calling_ae)
+            except OSError as exc:
+                return self._reject(statuses.OUT_OF_RESOURCES, "cannot write temporary file",
+                                    f"{exc}; check free space under {self.store.root}", sop_uid, calling_ae)
+            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID), sop_uid)
+            if problem is not None:
+                return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
+            try:
+                result = self.store.store_received(tmp, calling_ae, called_ae=called_ae(event.assoc))
+            except StoreError as exc:
+                return self._reject(statuses.OUT_OF_RESOURCES, "store failed", str(exc), sop_uid, calling_ae)
+            except InvalidInstanceError as exc:
+                return self._reject(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc), "", sop_uid, calling_ae)
+        finally:
+            tmp.unlink(missing_ok=True)  # consumed on success; removed on every other path
+        if result.duplicate:
+            counts.duplicates += 1
+            log.info("scp.store.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
+                                                         calling_ae=calling_ae))
+        else:
+            counts.stored += 1
+            log.debug("scp.store.ok", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
+                                                   calling_ae=calling_ae))
+        return statuses.SUCCESS

@@ -1,0 +1,302 @@
+"""The stages of one fusion job, each a function from typed values to a typed value.
+
+    load -> register -> prepare (resample + normalise) -> fuse -> derive
+
+No stage touches the store, the outbox or the database: the inputs are file
+paths and settings, the outputs are values (volumes, a registration, arrays,
+datasets).  :mod:`dicom_node.workflow.pipeline` chains them; the node stores
+and queues what comes out.  Each output is something a later step can keep:
+:class:`Registration` is plain JSON (matrix, figures, verdict), the prepared
+and fused stacks are arrays, the derived objects are datasets.  That is what a
+resumable job checkpoints.
+
+Science stays in ``fusion``; DICOM stays in ``dicom_node.dicom``.  Stages
+raise :class:`JobError` with a message for the operator; errors of the image
+science (``fusion.errors.FusionError``) are turned into one here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicom_node import logs
+from dicom_node.config import Pipeline
+from dicom_node.dicom.volume import GeometryError, Volume, load_series
+from dicom_node.errors import NodeError
+
+log = logging.getLogger("dicom_node.workflow.stages")
+
+#: the anatomical modality: fused as DMF's first source, its contrast kept
+ANATOMICAL = ("MR",)
+#: modalities shown in colour on the fused series
+COLOUR_MODALITIES = ("PT", "NM")
+#: slices fused per batch: bounds memory on 512x512 stacks and gives progress reports
+FUSE_BATCH = 16
+
+Progress = Callable[[int, int], None]
+
+
+class JobError(NodeError):
+    """A job that cannot be done as configured; the message says what to do."""
+
+
+# -- values passed between stages -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedPair:
+    base: Volume
+    overlay: Volume
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where the overlay lies on the base, and how far to trust it: plain values, JSON as it is."""
+
+    #: 4x4 base -> overlay point map in LPS mm (SimpleITK's fixed -> moving); identity when registration is off
+    matrix: tuple[tuple[float, ...], ...]
+    #: translation_mm, rotation_deg, registration_metric, registration_overlap (empty when off)
+    figures: dict[str, Any] = field(default_factory=dict)
+    #: fusion.registration.quality figures and verdict (None when registration is off)
+    quality: dict[str, Any] | None = None
+    #: "CHECK REG: ..." text when the policy is "warn" and the registration is doubtful
+    warning: str | None = None
+    #: the check sheet PNG, when it could be drawn
+    picture: str | None = None
+
+    @property
+    def matrix_array(self) -> np.ndarray:
+        return np.asarray(self.matrix, dtype=np.float64)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"matrix": [list(r) for r in self.matrix], "figures": self.figures, "quality": self.quality,
+                "warning": self.warning, "picture": self.picture}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Registration:
+        return cls(tuple(tuple(float(v) for v in r) for r in doc["matrix"]), dict(doc.get("figures") or {}),
+                   doc.get("quality"), doc.get("warning"), doc.get("picture"))
+
+    def as_result(self) -> dict[str, Any]:
+        """The job-result fields (what ``jobs show`` prints and the status page shows)."""
+        out: dict[str, Any] = dict(self.figures)
+        if self.quality is not None:
+            out["registration_quality"] = self.quality
+        if self.picture:
+            out["registration_picture"] = self.picture
+        if self.warning:
+            out["registration_warning"] = self.warning
+        return out
+
+
+@dataclass(frozen=True)
+class PreparedStacks:
+    """Both series on the base grid, each on 0..1: the anatomical one and the other (RGB for PET/NM)."""
+
+    anatomical: np.ndarray
+    other: np.ndarray
+    other_modality: str
+
+
+@dataclass(frozen=True)
+class FusedStack:
+    #: (S, H, W) or (S, H, W, 3) uint8, slice i on base slice i
+    pixels: np.ndarray
+    method: str
+    #: DMF's exposures; empty for a single method
+    trio: tuple[str, ...]
+    feature_source: str
+    device: str
+
+
+@dataclass(frozen=True)
+class DerivedObjects:
+    sc: list[Any]
+    reg: Any
+
+    @property
+    def datasets(self) -> list[Any]:
+        return [*self.sc, self.reg]
+
+
+# -- the stages -----------------------------------------------------------------------------
+
+
+def load(base_paths: Sequence[Path], overlay_paths: Sequence[Path]) -> LoadedPair:
+    """Both series as volumes (geometry checked, LPS, float32)."""
+    try:
+        return LoadedPair(load_series(base_paths), load_series(overlay_paths))
+    except GeometryError as exc:
+        raise JobError(f"cannot build a volume: {exc}") from exc
+
+
+def register(pair: LoadedPair, pipeline: Pipeline, qc_dir: Path, job_id: int) -> Registration:
+    """Rigid MI registration of the overlay onto the base, its check sheet, and the quality verdict.
+
+    A doubtful registration raises :class:`JobError` under ``on_poor_quality =
+    "fail"`` (the figures go with it, ``JobError.result``); under ``"warn"`` it
+    comes back with ``warning`` set.
+    """
+    from fusion.errors import FusionError
+    from fusion.registration.quality import QualityThresholds, assess_registration
+    from fusion.registration.rigid import RegistrationParams, register_rigid
+
+    if not pipeline.registration.enabled:
+        return Registration(tuple(tuple(float(v) for v in r) for r in np.eye(4)))
+    params = RegistrationParams.from_mapping(pipeline.registration.model_dump())
+    try:
+        reg = register_rigid(pair.base.image, pair.overlay.image, params)
+    except FusionError as exc:
+        raise JobError(f"registration failed, nothing was sent: {exc}") from exc
+    figures = {"translation_mm": [round(float(v), 2) for v in reg.translation_mm],
+               "rotation_deg": [round(float(v), 3) for v in reg.rotation_deg],
+               "registration_metric": round(float(reg.final_metric), 5),
+               "registration_overlap": round(float(reg.overlap), 4)}
+    picture = _check_sheet(pair, reg, pipeline, qc_dir, job_id)
+    cfg = pipeline.registration
+    quality = assess_registration(pair.base.image, pair.overlay.image, reg,
+                                  QualityThresholds.from_mapping(cfg.quality.model_dump()))
+    out = Registration(tuple(tuple(float(v) for v in r) for r in reg.matrix), figures, quality.as_dict(),
+                       None, picture)
+    if quality.ok:
+        return out
+    log.warning("pipeline.registration_doubtful", extra=logs.fields(
+        job_id=job_id, policy=cfg.on_poor_quality, problems=quality.reason))
+    if cfg.on_poor_quality == "fail":
+        raise JobError(
+            f"registration rejected, nothing was sent: {quality.reason}. Check that the two series show the same "
+            "body part of the same patient and that their orientation headers are right; to send such results "
+            f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}"
+            + (f"; the check sheet is {picture}" if picture else ""),
+            result={"pipeline": pipeline.name, **out.as_result()},
+        )
+    return Registration(out.matrix, out.figures, out.quality, quality.warning, out.picture)
+
+
+def _check_sheet(pair: LoadedPair, reg: Any, pipeline: Pipeline, qc_dir: Path, job_id: int) -> str | None:
+    """Save the registration check sheet (orthogonal slices, checkerboards before/after) as a PNG.
+
+    The picture an operator or radiologist opens when a registration is doubted:
+    a misalignment shows as edges jumping at the checkerboard's tile borders.
+    A failure here costs the picture, never the job.
+    """
+    from fusion.registration.quality import check_sheet
+
+    try:
+        title = (f"{pipeline.name}: {pair.overlay.modality} onto {pair.base.modality}, moved "
+                 f"{reg.translation_norm_mm:.1f} mm, turned {reg.rotation_angle_deg:.1f} deg (job {job_id})")
+        sheet = check_sheet(pair.base.image, pair.overlay.image, reg.transform,
+                            (pair.base.modality, pair.overlay.modality), title)
+        path = Path(qc_dir) / f"job-{job_id}-registration.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path)
+        return str(path)
+    except Exception as exc:  # noqa: BLE001 - a picture must never cost a fusion
+        log.warning("pipeline.registration_picture.failed", extra=logs.fields(job_id=job_id, reason=str(exc)))
+        return None
+
+
+def _colourise(grey: np.ndarray) -> np.ndarray:
+    """PET/SPECT on 0..1 to RGB with a hot-iron style ramp (black-red-yellow-white)."""
+    r = np.clip(grey * 2.0, 0, 1)
+    g = np.clip(grey * 2.0 - 0.5, 0, 1)
+    b = np.clip(grey * 4.0 - 3.0, 0, 1)
+    return np.stack([r, g, b], axis=-1).astype(np.float32)
+
+
+def prepare(pair: LoadedPair, registration: Registration, pipeline: Pipeline) -> PreparedStacks:
+    """The overlay resampled onto the base grid, both normalised for their modality (0..1)."""
+    import SimpleITK as sitk
+
+    from fusion.intensity import normalise_for_modality
+    from fusion.registration.rigid import resample_onto
+
+    base, overlay = pair.base, pair.overlay
+    transform = sitk.AffineTransform(3)
+    m = registration.matrix_array
+    transform.SetMatrix([float(v) for v in m[:3, :3].ravel()])
+    transform.SetTranslation([float(v) for v in m[:3, 3]])
+    # outside the overlay's field of view: its own minimum (air), not 0 (water in HU)
+    outside = float(sitk.GetArrayViewFromImage(overlay.image).min())
+    moved = resample_onto(overlay.image, base.image, transform, default_value=outside)
+    base_arr = sitk.GetArrayFromImage(base.image)
+    over_arr = sitk.GetArrayFromImage(moved)
+
+    def ct_window(vol: Volume) -> Any:  # config, else the CT's own header window, else the brain preset
+        return pipeline.ct_window or (vol.header_window() if vol.modality == "CT" else None)
+
+    base_n = normalise_for_modality(base_arr, base.modality, ct_window=ct_window(base), units=base.units)
+    over_n = normalise_for_modality(over_arr, overlay.modality, ct_window=ct_window(overlay), units=overlay.units)
+    if base.modality in ANATOMICAL or overlay.modality not in ANATOMICAL:
+        a, b, other_modality = base_n, over_n, overlay.modality
+    else:
+        a, b, other_modality = over_n, base_n, base.modality
+    if other_modality in COLOUR_MODALITIES:
+        b = _colourise(b)
+    return PreparedStacks(a.astype(np.float32), b.astype(np.float32), other_modality)
+
+
+def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict[str, Any] | None = None,
+         progress: Progress | None = None) -> FusedStack:
+    """The pipeline's fusion method over the whole stack, in batches of :data:`FUSE_BATCH` slices.
+
+    ``models`` caches the VGG16 model per device between jobs (loading it costs
+    a second or two); ``progress(done, total)`` is called after each batch.
+    """
+    from fusion.api import fuse_grey, merge_colour, resolve_trio, split_colour
+    from fusion.backend import to_device, to_numpy
+    from fusion.errors import FusionError
+    from fusion.intensity import to_uint8
+
+    method = pipeline.method
+    trio = resolve_trio(pipeline.trio or None, prepared.other_modality) if method == "dmf" else ()
+    model = None
+    if method == "dmf" and pipeline.feature_source == "vgg":
+        from fusion.features import load_vgg16
+
+        try:
+            model = (models or {}).get(device) or load_vgg16(device=device)
+        except FusionError as exc:
+            raise JobError(f"fusion needs the VGG16 weights: {exc}") from exc
+        if models is not None:
+            models[device] = model
+    a_d, b_d, chroma = split_colour(to_device(prepared.anatomical, device), to_device(prepared.other, device))
+    n = a_d.shape[0]
+    parts = []
+    for start in range(0, n, FUSE_BATCH):
+        sl = slice(start, start + FUSE_BATCH)
+        fused = fuse_grey(a_d[sl], b_d[sl], method=method, trio=trio, feature_source=pipeline.feature_source,
+                          model=model)
+        parts.append(to_numpy(merge_colour(fused, None if chroma is None else chroma[sl])))
+        if progress is not None:
+            progress(min(start + FUSE_BATCH, n), n)
+    return FusedStack(to_uint8(np.concatenate(parts)), method, tuple(trio), pipeline.feature_source, device)
+
+
+def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipeline: Pipeline,
+           uid_root: str) -> DerivedObjects:
+    """The fused Secondary Capture series and the Spatial Registration object, in the base's study."""
+    from dicom_node.dicom.reg import build_registration
+    from dicom_node.dicom.sc import build_sc_series, sc_series_description
+
+    base, overlay = pair.base, pair.overlay
+    description = sc_series_description(pipeline.name, base.modality, overlay.modality, registration.warning)
+    if fused.method == "dmf":
+        how = (f"DMF fusion of {overlay.modality} onto {base.modality}: "
+               f"{'+'.join(m.upper() for m in fused.trio)} exposures, "
+               f"{'VGG16 feature' if fused.feature_source == 'vgg' else 'image'} gradients")
+    else:
+        how = f"{fused.method.upper()} fusion of {overlay.modality} onto {base.modality}"
+    derivation = how + (", rigid Mattes-MI registration" if pipeline.registration.enabled else ", not registered")
+    sc = build_sc_series(base.headers, overlay.headers, fused.pixels, uid_root=uid_root,
+                         series_description=description, derivation_description=derivation[:1024],
+                         base_to_overlay=registration.matrix_array)
+    reg = build_registration(base.headers, overlay.headers, registration.matrix_array, uid_root=uid_root,
+                             content_label="RIGID_MI")
+    return DerivedObjects(sc, reg)

