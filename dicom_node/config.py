@@ -114,6 +114,9 @@ class NodeConfig(_Model):
     max_associations: int = Field(10, ge=1)
     #: seconds without traffic before an association is aborted
     network_timeout_s: float = Field(60.0, gt=0)
+    #: seconds a new connection has for its TLS handshake and its A-ASSOCIATE-RQ (PS3.8 ARTIM);
+    #: a connection that sends nothing in that time is closed and never holds an association slot
+    artim_timeout_s: float = Field(10.0, gt=0)
     tls: NodeTLS = NodeTLS()
 
     _ae = field_validator("ae_title")(_check_ae)
@@ -565,6 +568,9 @@ require_called_ae = true
 # local limit exceeded) and the caller retries later.
 max_associations = 10
 network_timeout_s = 60
+# Seconds a new connection has to finish its TLS handshake and send its A-ASSOCIATE-RQ;
+# silent connections are closed after this and never take one of max_associations.
+artim_timeout_s = 10
 
 # DICOM TLS (BCP 195 profile, TLS 1.2 or newer) on a second port beside the plain one.
 # Paths are relative to this file's folder; files are checked when the node starts.

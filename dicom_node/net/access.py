@@ -12,7 +12,10 @@ Checks, in this order (the first that fails decides):
    (``node.require_called_ae``) -> :data:`REJECT_CALLED_AE`.  It comes first
    because it selects which per-pipeline lists apply.
 2. Peer address: ``node.allowed_addresses``, then the called pipeline's
-   ``allowed_addresses`` -> :data:`REJECT_ADDRESS`.  PS3.8 has no reason code
+   ``allowed_addresses`` -> :data:`REJECT_ADDRESS`.  A peer outside
+   ``node.allowed_addresses`` never gets this far: the listener closes its
+   connection at accept (:meth:`AccessPolicy.admits_address`, ``server.py``),
+   so the rejection is only sent for a pipeline's list.  PS3.8 has no reason code
    for an address; "no reason given" tells a stranger nothing.
 3. Calling AE Title: ``node.allowed_callers``, then the called pipeline's
    ``allowed_callers`` -> :data:`REJECT_CALLING_AE`.
@@ -148,6 +151,17 @@ class AccessPolicy:
     def called_ae_titles(self) -> tuple[str, ...]:
         """Every Called AE Title the node answers to: its own first, then the pipelines'."""
         return tuple(self._called)
+
+    def admits_address(self, address: str) -> bool:
+        """Whether ``node.allowed_addresses`` lets this peer connect at all (checked at accept, before anything else).
+
+        The pipelines' own address lists depend on the Called AE Title, which
+        only the A-ASSOCIATE-RQ names; :meth:`decide` checks them.
+        """
+        if not self._networks:
+            return True
+        ip = peer_ip(address)
+        return ip is not None and _in(ip, self._networks)
 
     def decide(self, calling_ae: str, called_ae: str, address: str, open_associations: int) -> Decision:
         """Decide on one A-ASSOCIATE-RQ.
