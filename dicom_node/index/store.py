@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import uuid
@@ -267,9 +268,34 @@ class Store:
         return self.root / "instances"
 
     def new_tmp_path(self, suffix: str = ".part") -> Path:
-        """A fresh, unique path under :attr:`tmp_dir` for a file about to be handed to :meth:`store_received`."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        return self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        """A fresh, unique, empty file under :attr:`tmp_dir` for data about to be handed to :meth:`store_received`.
+
+        Created here with mode 0600 (writers truncate it, the mode stays), so a
+        received instance is never readable by other users, not even while it
+        is written; the folder is 0700.
+        """
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return path
+
+    def clear_tmp(self) -> int:
+        """Remove everything under :attr:`tmp_dir` (partial files of a crash, spool folders); returns the count.
+
+        Only safe before anything writes there: the node calls it at start-up.
+        """
+        removed = 0
+        if not self.tmp_dir.is_dir():
+            return 0
+        for entry in self.tmp_dir.iterdir():
+            removed += sum(1 for p in entry.rglob("*") if not p.is_dir()) if entry.is_dir() else 1
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if removed:
+            log.info("store.tmp.cleared", extra=fields(files=removed))
+        return removed
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -293,6 +319,7 @@ class Store:
         try:
             _make_dirs(self.instances_dir)
             _make_dirs(self.tmp_dir)
+            os.chmod(self.tmp_dir, 0o700)  # partial instances: the node's user only
             conn = self._conn()
             conn.executescript(_SCHEMA)
             self._migrate(conn)

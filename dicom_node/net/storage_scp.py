@@ -8,7 +8,7 @@ each rejection is logged with its reason and the exact DIMSE status the sender
 sees, so an operator can tell a misbehaving modality from a full disk.
 
 Datasets are never held whole in memory: pynetdicom writes each incoming
-dataset to a temporary file while it arrives; the handler copies it behind our
+dataset to a temporary file while it arrives (``<root>/tmp/spool``, ``spool.py``); the handler copies it behind our
 own File Meta Information into the store's ``tmp`` folder and hands that file
 to the store.
 """
@@ -49,7 +49,7 @@ from pynetdicom.dsutils import split_dataset
 from dicom_node.dicom import validation
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
-from dicom_node.net import statuses
+from dicom_node.net import spool, statuses
 from dicom_node.net.association import called_ae
 
 log = logging.getLogger("dicom_node.net.storage_scp")
@@ -158,11 +158,12 @@ class StorageService:
 
     def configure(self, ae: AE) -> None:
         self.store.ensure_schema()  # before the first C-STORE: folders and index exist
+        spool.attach(ae, self.store.tmp_dir / "spool")  # pynetdicom's spool files inside the root, 0600
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
 
     def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_C_STORE, self.on_store)]
+        return [(evt.EVT_C_STORE, self.on_store), *spool.HANDLERS]
 
     def summary(self, assoc: Any) -> dict[str, int]:
         """What this association stored; forgotten afterwards (the listener logs it at release/abort)."""

@@ -33,6 +33,7 @@ class Node:
         db_path = settings.storage.database_path
         self.store = Store(settings.storage.root, db_path)
         self.store.ensure_schema()
+        self.store.clear_tmp()  # a crash's partial files and spool folders: nothing writes there yet
         self.jobs = JobQueue(db_path)
         self.jobs.ensure_schema()
         self.outbox = Outbox(db_path, settings)
