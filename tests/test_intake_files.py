@@ -10,7 +10,6 @@ starts again, and the canary patient name nowhere outside ``<root>/instances``
 
 from __future__ import annotations
 
-import os
 import signal
 import stat
 import subprocess
@@ -50,10 +49,11 @@ class ServeProcess:
         self.config.write_text(f'[node]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = 0\n'
                                '[storage]\nroot = "data"\n')
         self.log = tmp_path / f"serve-{time.monotonic_ns()}.log"
-        env = {**os.environ, "TMPDIR": str(systmp)}
         self._stderr = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
-                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        # env(1) adds TMPDIR to the inherited environment (tests do not read it: fusion/environment.py rule)
+        self.proc = subprocess.Popen(["env", f"TMPDIR={systmp}", sys.executable, "-m", "dicom_node.cli", "serve",
+                                      "--config", str(self.config)],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         assert line.startswith(f"fusion-node listening as {NODE_AE} on port "), line + self.log.read_text()
         self.port = int(line.split(" on port ")[1].split()[0].rstrip(";,"))
