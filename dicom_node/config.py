@@ -390,6 +390,14 @@ class QueryRetrieveConfig(_Model):
     #: names of [[destinations]] a C-MOVE may send to; empty = every destination.  A C-MOVE to any other
     #: AE title is refused (0xA801): the node never sends patient data to an address a caller made up
     move_destinations: list[str] = []
+    #: calling AE titles that may query and retrieve.  Q/R lists every patient the node holds, so callers
+    #: are named, not assumed: with allowed_addresses also empty, nobody may (Q/R contexts are rejected)
+    allowed_callers: list[str] = []
+    #: peer IP addresses or networks that may query and retrieve; a caller must match every list that is set
+    allowed_addresses: list[str] = []
+
+    _callers = field_validator("allowed_callers")(_check_ae_list)
+    _addresses = field_validator("allowed_addresses")(_check_networks)
 
 
 class NodeSettings(_Model):
@@ -606,6 +614,13 @@ backoff_max_s = 600
 enabled = true
 # Names of [[destinations]] a C-MOVE may send to; empty = every destination.
 move_destinations = []
+# Who may query and retrieve, on top of [node] allowed_callers / allowed_addresses (storage).
+# Q/R shows every patient the node holds, so nobody may until a list is set: name the
+# workstations' AE titles and/or addresses, e.g. ["WS01"] and ["10.20.30.0/24"]; a caller
+# must match every list that is set. Others still store and echo, but their Q/R
+# presentation contexts are rejected.
+allowed_callers = []
+allowed_addresses = []
 
 # Where fused series go. Add one block per PACS or workstation.
 # kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).

@@ -34,7 +34,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dicom_node.config import NodeConfig, NodeSettings, Pipeline
+from dicom_node.config import NodeConfig, NodeSettings, Pipeline, QueryRetrieveConfig
 
 # -- A-ASSOCIATE-RJ fields (PS3.8 section 9.3.4, Table 9-21) -------------------------------
 
@@ -201,3 +201,43 @@ class AccessPolicy:
             return Decision(REJECT_LIMIT, f"{open_associations} associations open, node.max_associations is "
                             f"{self.max_associations}", "limit", pipeline)
         return Decision(None, f"called {called_title!r}" + (f" ({where})" if pipeline else ""), "accepted", pipeline)
+
+
+# -- Query/Retrieve: its own allow lists ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QRDecision:
+    """May this caller query and retrieve?  ``rule`` names the list that decided, ``why`` is for the log."""
+
+    allowed: bool
+    why: str
+    rule: str
+
+
+class QueryRetrieveAccess:
+    """``[query_retrieve] allowed_callers`` / ``allowed_addresses``: deny unless a list names the caller.
+
+    Separate from the storage lists: a modality allowed to send is not
+    thereby allowed to list every patient.  With both lists empty nobody may
+    (the secure default; PACS likewise answer C-FIND/C-GET/C-MOVE only for
+    configured workstations).  A caller must match every list that is set.
+    """
+
+    def __init__(self, cfg: QueryRetrieveConfig) -> None:
+        self._callers = frozenset(c.strip() for c in cfg.allowed_callers)
+        self._networks = _networks(cfg.allowed_addresses)
+
+    def decide(self, calling_ae: str, address: str) -> QRDecision:
+        calling = (calling_ae or "").strip()
+        if not self._callers and not self._networks:
+            return QRDecision(False, "query_retrieve.allowed_callers and allowed_addresses are empty: "
+                              "no one may query or retrieve until the workstations are listed", "qr_not_configured")
+        if self._networks:
+            ip = peer_ip(address)
+            if ip is None or not _in(ip, self._networks):
+                return QRDecision(False, f"address {address} is not in query_retrieve.allowed_addresses", "qr_address")
+        if self._callers and calling not in self._callers:
+            return QRDecision(False, f"calling AE title {calling!r} is not in query_retrieve.allowed_callers",
+                              "qr_calling_ae")
+        return QRDecision(True, "listed in [query_retrieve]", "accepted")

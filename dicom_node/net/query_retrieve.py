@@ -51,6 +51,7 @@ from dicom_node.index.matching import FindQuery, IdentifierError, RetrieveItem, 
 from dicom_node.index.store import Store
 from dicom_node.logs import fields
 from dicom_node.net import scu, statuses, tls
+from dicom_node.net.access import QueryRetrieveAccess
 from dicom_node.net.association import Verification, no_delay
 from dicom_node.net.scu import MAX_CONTEXTS
 from dicom_node.net.storage_scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES
@@ -104,6 +105,9 @@ _MODELS: dict[str, str] = {
     PatientRootQueryRetrieveInformationModelMove: "PATIENT",
     StudyRootQueryRetrieveInformationModelMove: "STUDY",
 }
+
+#: every Q/R SOP class: rejected at negotiation for callers [query_retrieve] does not list
+_QR_SOP_CLASSES: frozenset[str] = frozenset(map(str, (*FIND_SOP_CLASSES, *GET_SOP_CLASSES, *MOVE_SOP_CLASSES)))
 
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 #: what a C-MOVE that sends nothing proposes: contexts any destination accepts at least one of
@@ -242,12 +246,40 @@ class QueryRetrieveService:
     def __init__(self, settings: NodeSettings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.access = QueryRetrieveAccess(settings.query_retrieve)
 
     # -- wiring -------------------------------------------------------------------------
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """The listener's event handlers for this service."""
-        return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
+        return [(evt.EVT_REQUESTED, self.on_requested),
+                (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Authorization: a caller not in ``[query_retrieve]``'s lists gets no Q/R presentation context.
+
+        Runs after the listener's access check (bound after it).  The caller
+        may still store and echo; its C-FIND/C-GET/C-MOVE contexts are
+        rejected (abstract syntax not supported), the one refusal every SCU
+        understands and one that needs no sub-association to a destination.
+        """
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:
+            return
+        rq = assoc.requestor.primitive
+        proposed = {str(cx.abstract_syntax) for cx in (rq.presentation_context_definition_list if rq else [])}
+        asked = proposed & _QR_SOP_CLASSES
+        if not asked:
+            return  # a modality that only stores: nothing to decide
+        decision = self.access.decide(rq.calling_ae_title if rq else "", assoc.requestor.address)
+        if decision.allowed:
+            return
+        assoc.acceptor.supported_contexts = [cx for cx in assoc.acceptor.supported_contexts
+                                             if str(cx.abstract_syntax) not in _QR_SOP_CLASSES]
+        log.warning("qr.refused", extra=fields(
+            calling_ae=(rq.calling_ae_title if rq else "").strip(), address=assoc.requestor.address,
+            rule=decision.rule, reason=decision.why, contexts_refused=len(asked),
+            action="add the workstation to [query_retrieve] allowed_callers / allowed_addresses"))
 
     def configure(self, ae: AE) -> None:
         """Add the Q/R contexts, and accept the SCP role for storage so C-GET callers receive on their association.
@@ -312,7 +344,7 @@ class QueryRetrieveService:
             yield _status(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001 - an undecodable identifier
-            log.warning("qr.find.rejected", extra=fields(**where, reason=f"cannot decode the identifier: {exc}",
+            log.warning("qr.find.rejected", extra=fields(**where, reason=f"cannot decode the identifier: {type(exc).__name__}",
                                                          status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
             yield _status(statuses.CANNOT_UNDERSTAND, "cannot decode the identifier"), None
             return
@@ -343,7 +375,7 @@ class QueryRetrieveService:
         try:
             identifier = event.identifier
         except Exception as exc:  # noqa: BLE001 - whatever pydicom raises for a broken identifier
-            why = f"cannot decode the identifier: {exc}"
+            why = f"cannot decode the identifier: {type(exc).__name__}"  # its text may quote key values
             return [], _status(statuses.DOES_NOT_MATCH_SOP_CLASS, "cannot decode the identifier"), why, None
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper() or None
         try:
