@@ -35,7 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node.dicom.uids import InvalidInstanceError, check_uid
 from dicom_node.errors import NodeError
 from dicom_node.index import db
-from dicom_node.logs import fields
+from dicom_node.logs import fields, scrub
 from dicom_node.states import SeriesState, check_in
 
 log = logging.getLogger("dicom_node.index.store")
@@ -119,6 +119,8 @@ class StoreResult:
     path: Path
     duplicate: bool = False
     sop_class_uid: str = ""
+    #: the instance's Patient ID, for the audit trail only (never logged)
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -364,7 +366,7 @@ class Store:
         try:
             ds = dcmread(tmp_path, stop_before_pixels=True)
         except Exception as exc:
-            raise InvalidInstanceError(f"cannot read the DICOM header: {exc}") from exc
+            raise InvalidInstanceError(f"cannot read the DICOM header: {scrub(str(exc))}") from exc
         study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -417,7 +419,8 @@ class Store:
             return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
         log.debug("store.instance.stored", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid,
                                                           size_bytes=size, origin=origin))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class,
+                           patient_id=_text(ds, "PatientID"))
 
     def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path,
                            sop_class: str) -> StoreResult:
