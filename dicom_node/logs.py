@@ -24,8 +24,9 @@ _QUOTED = re.compile(r"(?<![A-Za-z0-9])b?(?:'(?:[^'\\\n]|\\.)*'" + r'|"(?:[^"\\\
 #: a quote that opens a literal (not an apostrophe inside a word) and was left without its pair
 _OPENING = re.compile(r"(?<![A-Za-z0-9])b?['\"]")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-#: free-text fields that may carry a decoder's words; quoted values are removed from them
-_FREE_TEXT_FIELDS = ("detail", "error")
+#: free-text fields that carry a decoder's words (the node's own ``error`` texts are kept: they name
+#: hosts and files an operator needs; exception text is scrubbed by :func:`_error`)
+_FREE_TEXT_FIELDS = ("detail",)
 #: longest free text kept (a decoder must not flood the log)
 MAX_TEXT = 300
 
@@ -167,8 +168,10 @@ def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
         log.setLevel(lvl.upper())
         log.propagate = False
     # every other library's records (propagating to the root) go the same safe way, not to lastResort
+    # (other handlers on the root, e.g. a test runner's, are left alone; an earlier setup's is replaced)
+    handler._dicom_node = True  # type: ignore[attr-defined]  # marks the handlers setup() installed
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_dicom_node", False)] + [handler]
     root.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 

@@ -11,6 +11,10 @@ Storage SCP (``storage_scp.py``) and the Query/Retrieve SCP
 
 With ``[node.tls] enabled`` the same AE listens a second time, with TLS, on
 its own port (``tls.py``); ``node.plain_enabled = false`` leaves only that one.
+Before any of this, ``server.py`` decides what a bare connection gets: peers
+outside ``node.allowed_addresses`` are closed at accept, TLS handshakes run in
+the connection's own thread, and silent connections are closed after
+``node.artim_timeout_s`` without ever holding an association slot.
 """
 
 from __future__ import annotations
