@@ -382,7 +382,8 @@ class Store:
         # Fast path: a re-send of a stored instance needs no write lock at all.
         try:
             if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
-                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
+                                               _text(ds, "PatientID"))
         except sqlite3.Error as exc:
             raise StoreError(f"index lookup failed: {exc}; check the database {self.db_path}") from exc
 
@@ -416,14 +417,15 @@ class Store:
                     pass
             raise StoreError(f"storing instance {sop_uid} failed: {exc}; check free space and the database {self.db_path}") from exc
         if duplicate:
-            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
+                                               _text(ds, "PatientID"))
         log.debug("store.instance.stored", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid,
                                                           size_bytes=size, origin=origin))
         return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class,
                            patient_id=_text(ds, "PatientID"))
 
     def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path,
-                           sop_class: str) -> StoreResult:
+                           sop_class: str, patient_id: str | None = None) -> StoreResult:
         try:
             tmp_path.unlink()
         except FileNotFoundError:
@@ -431,7 +433,8 @@ class Store:
         except OSError as exc:  # a leftover temp file is untidy, not a failure to store
             log.warning("store.tmp.unlink_failed", extra=fields(path=str(tmp_path), error=str(exc)))
         log.debug("store.instance.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class,
+                           patient_id=patient_id)
 
     def _index(self, conn: sqlite3.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
                sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,
