@@ -114,6 +114,9 @@ class NodeConfig(_Model):
     max_associations: int = Field(10, ge=1)
     #: seconds without traffic before an association is aborted
     network_timeout_s: float = Field(60.0, gt=0)
+    #: seconds a new connection has for its TLS handshake and its A-ASSOCIATE-RQ (PS3.8 ARTIM);
+    #: a connection that sends nothing in that time is closed and never holds an association slot
+    artim_timeout_s: float = Field(10.0, gt=0)
     tls: NodeTLS = NodeTLS()
 
     _ae = field_validator("ae_title")(_check_ae)
@@ -387,6 +390,14 @@ class QueryRetrieveConfig(_Model):
     #: names of [[destinations]] a C-MOVE may send to; empty = every destination.  A C-MOVE to any other
     #: AE title is refused (0xA801): the node never sends patient data to an address a caller made up
     move_destinations: list[str] = []
+    #: calling AE titles that may query and retrieve.  Q/R lists every patient the node holds, so callers
+    #: are named, not assumed: with allowed_addresses also empty, nobody may (Q/R contexts are rejected)
+    allowed_callers: list[str] = []
+    #: peer IP addresses or networks that may query and retrieve; a caller must match every list that is set
+    allowed_addresses: list[str] = []
+
+    _callers = field_validator("allowed_callers")(_check_ae_list)
+    _addresses = field_validator("allowed_addresses")(_check_networks)
 
 
 class NodeSettings(_Model):
@@ -565,6 +576,9 @@ require_called_ae = true
 # local limit exceeded) and the caller retries later.
 max_associations = 10
 network_timeout_s = 60
+# Seconds a new connection has to finish its TLS handshake and send its A-ASSOCIATE-RQ;
+# silent connections are closed after this and never take one of max_associations.
+artim_timeout_s = 10
 
 # DICOM TLS (BCP 195 profile, TLS 1.2 or newer) on a second port beside the plain one.
 # Paths are relative to this file's folder; files are checked when the node starts.
@@ -600,6 +614,13 @@ backoff_max_s = 600
 enabled = true
 # Names of [[destinations]] a C-MOVE may send to; empty = every destination.
 move_destinations = []
+# Who may query and retrieve, on top of [node] allowed_callers / allowed_addresses (storage).
+# Q/R shows every patient the node holds, so nobody may until a list is set: name the
+# workstations' AE titles and/or addresses, e.g. ["WS01"] and ["10.20.30.0/24"]; a caller
+# must match every list that is set. Others still store and echo, but their Q/R
+# presentation contexts are rejected.
+allowed_callers = []
+allowed_addresses = []
 
 # Where fused series go. Add one block per PACS or workstation.
 # kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).

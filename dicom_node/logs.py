@@ -9,26 +9,124 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import traceback
+from types import TracebackType
 from typing import Any, TextIO
+
+#: loggers whose messages are the node's own (event names, fields without patient data)
+OWN_LOGGERS = ("dicom_node", "fusion")
+
+#: a quoted literal in an exception text or a library message: 'x', "x", b'x' (values are quoted there)
+_QUOTED = re.compile(r"(?<![A-Za-z0-9])b?(?:'(?:[^'\\\n]|\\.)*'" + r'|"(?:[^"\\\n]|\\.)*")')
+#: a quote that opens a literal (not an apostrophe inside a word) and was left without its pair
+_OPENING = re.compile(r"(?<![A-Za-z0-9])b?['\"]")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: free-text fields that carry a decoder's words (the node's own ``error`` texts are kept: they name
+#: hosts and files an operator needs; exception text is scrubbed by :func:`_error`)
+_FREE_TEXT_FIELDS = ("detail",)
+#: longest free text kept (a decoder must not flood the log)
+MAX_TEXT = 300
+
+
+def scrub(text: str) -> str:
+    """``text`` with every quoted literal replaced by ``'…'`` and cut to :data:`MAX_TEXT` characters.
+
+    An opening quote left unpaired ends the text there: a value may follow it.
+    Apostrophes inside words (``can't``) are not quotes.
+
+    pydicom's and the decoders' messages quote the raw bytes they choked on
+    (``Invalid value for VR UI: b'1.2.3\\x00Doe^John'``): with a lying length
+    that is whatever follows, the patient's name and ID included.  Tags,
+    lengths, offsets and type names are not quoted and are kept.
+    """
+    out = _QUOTED.sub("'…'", str(text))
+    # an opening quote left unpaired (a value cut off, or one holding a newline): drop everything after it
+    unpaired = _OPENING.search(out.replace("'…'", "   "))
+    if unpaired is not None:
+        out = out[:unpaired.start()] + "…"
+    return out[:MAX_TEXT]
+
+
+def safe_uid(value: Any) -> Any:
+    """A UID as it is when it looks like one; otherwise only its length (it may be anything a sender wrote)."""
+    if value is None or not isinstance(value, str) or _UID.match(value):
+        return value
+    return f"<not a UID, {len(value)} characters>"
+
+
+def _error(exc_info: tuple[type[BaseException], BaseException, TracebackType | None]) -> dict[str, Any]:
+    """An exception as type, scrubbed message and frames (file:line function), never the raw text of values."""
+    _, exc, tb = exc_info
+    chain: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 5:
+        chain.append(f"{type(seen).__name__}: {scrub(str(seen))}" if str(seen) else type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    frames = [f"{f.filename.rsplit('/', 2)[-1] if f.filename else '?'}:{f.lineno} {f.name}"
+              for f in traceback.extract_tb(tb)][-12:]
+    return {"error": chain[0], "error_type": type(exc).__name__, "caused_by": chain[1:] or None, "trace": frames}
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if not _is_own(record.name):
+            _LibraryFilter.redact(record)
         event, _, detail = record.getMessage().partition(" ")
         doc["event"] = event
         if detail:
             doc["detail"] = detail
-        doc.update(getattr(record, "fields", {}) or {})
-        if record.exc_info:
-            doc["error"] = self.formatException(record.exc_info)
+        for key, value in (getattr(record, "fields", {}) or {}).items():
+            if key in _FREE_TEXT_FIELDS and isinstance(value, str):
+                value = scrub(value)
+            elif key.endswith("_uid"):
+                value = safe_uid(value)
+            doc[key] = value
+        if record.exc_info and record.exc_info[1] is not None:
+            doc.update({k: v for k, v in _error(record.exc_info).items() if v is not None})
         return json.dumps(doc, default=str)
+
+
+def _is_own(name: str) -> bool:
+    return any(name == own or name.startswith(own + ".") for own in OWN_LOGGERS)
+
+
+class _LibraryFilter(logging.Filter):
+    """Rewrites a third-party record (pydicom, pynetdicom, anything else) before any handler sees it.
+
+    Their messages are free text built with the values they handle (pydicom
+    quotes element bytes, pynetdicom's handlers log datasets), so what
+    reaches the log is a stable event name (``lib.pydicom.warning``), where it
+    was logged, and the error type; never the message or a raw traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _is_own(record.name):
+            self.redact(record)
+        return True
+
+    @staticmethod
+    def redact(record: logging.LogRecord) -> None:
+        if getattr(record, "_redacted", False):
+            return
+        top = record.name.split(".", 1)[0] or "root"
+        extra: dict[str, Any] = {"origin": f"{record.name}:{record.funcName}:{record.lineno}"}
+        if record.exc_info and record.exc_info[1] is not None:
+            extra["error_type"] = type(record.exc_info[1]).__name__
+        record.msg = f"lib.{top}.{record.levelname.lower()}"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        record.fields = extra
+        record._redacted = True
 
 
 #: third-party loggers and the least severe level let through: their messages can quote
@@ -56,13 +154,25 @@ def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
     """
     import warnings
 
+    # imported first: pydicom resets its logger's level when it is imported, and would otherwise do
+    # so after this setup; the filter below makes their records safe whatever the order anyway
+    import pydicom  # noqa: F401  # imported for its side effect on the "pydicom" logger
+    import pynetdicom  # noqa: F401  # likewise for "pynetdicom"
+
     handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_LibraryFilter())
     for name, lvl in [("fusion", level), ("dicom_node", level), *_LIBRARY_LEVELS.items()]:
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
         log.setLevel(lvl.upper())
         log.propagate = False
+    # every other library's records (propagating to the root) go the same safe way, not to lastResort
+    # (other handlers on the root, e.g. a test runner's, are left alone; an earlier setup's is replaced)
+    handler._dicom_node = True  # type: ignore[attr-defined]  # marks the handlers setup() installed
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_dicom_node", False)] + [handler]
+    root.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import uuid
@@ -34,7 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node.dicom.uids import InvalidInstanceError, check_uid
 from dicom_node.errors import NodeError
 from dicom_node.index import db
-from dicom_node.logs import fields
+from dicom_node.logs import fields, scrub
 from dicom_node.states import SeriesState, check_in
 
 log = logging.getLogger("dicom_node.index.store")
@@ -118,6 +119,8 @@ class StoreResult:
     path: Path
     duplicate: bool = False
     sop_class_uid: str = ""
+    #: the instance's Patient ID, for the audit trail only (never logged)
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,9 +270,34 @@ class Store:
         return self.root / "instances"
 
     def new_tmp_path(self, suffix: str = ".part") -> Path:
-        """A fresh, unique path under :attr:`tmp_dir` for a file about to be handed to :meth:`store_received`."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        return self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        """A fresh, unique, empty file under :attr:`tmp_dir` for data about to be handed to :meth:`store_received`.
+
+        Created here with mode 0600 (writers truncate it, the mode stays), so a
+        received instance is never readable by other users, not even while it
+        is written; the folder is 0700.
+        """
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return path
+
+    def clear_tmp(self) -> int:
+        """Remove everything under :attr:`tmp_dir` (partial files of a crash, spool folders); returns the count.
+
+        Only safe before anything writes there: the node calls it at start-up.
+        """
+        removed = 0
+        if not self.tmp_dir.is_dir():
+            return 0
+        for entry in self.tmp_dir.iterdir():
+            removed += sum(1 for p in entry.rglob("*") if not p.is_dir()) if entry.is_dir() else 1
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if removed:
+            log.info("store.tmp.cleared", extra=fields(files=removed))
+        return removed
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -293,6 +321,7 @@ class Store:
         try:
             _make_dirs(self.instances_dir)
             _make_dirs(self.tmp_dir)
+            os.chmod(self.tmp_dir, 0o700)  # partial instances: the node's user only
             conn = self._conn()
             conn.executescript(_SCHEMA)
             self._migrate(conn)
@@ -337,7 +366,7 @@ class Store:
         try:
             ds = dcmread(tmp_path, stop_before_pixels=True)
         except Exception as exc:
-            raise InvalidInstanceError(f"cannot read the DICOM header: {exc}") from exc
+            raise InvalidInstanceError(f"cannot read the DICOM header: {scrub(str(exc))}") from exc
         study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -353,7 +382,8 @@ class Store:
         # Fast path: a re-send of a stored instance needs no write lock at all.
         try:
             if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
-                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
+                                               _text(ds, "PatientID"))
         except sqlite3.Error as exc:
             raise StoreError(f"index lookup failed: {exc}; check the database {self.db_path}") from exc
 
@@ -387,13 +417,15 @@ class Store:
                     pass
             raise StoreError(f"storing instance {sop_uid} failed: {exc}; check free space and the database {self.db_path}") from exc
         if duplicate:
-            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
+                                               _text(ds, "PatientID"))
         log.debug("store.instance.stored", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid,
                                                           size_bytes=size, origin=origin))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class,
+                           patient_id=_text(ds, "PatientID"))
 
     def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path,
-                           sop_class: str) -> StoreResult:
+                           sop_class: str, patient_id: str | None = None) -> StoreResult:
         try:
             tmp_path.unlink()
         except FileNotFoundError:
@@ -401,7 +433,8 @@ class Store:
         except OSError as exc:  # a leftover temp file is untidy, not a failure to store
             log.warning("store.tmp.unlink_failed", extra=fields(path=str(tmp_path), error=str(exc)))
         log.debug("store.instance.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class,
+                           patient_id=patient_id)
 
     def _index(self, conn: sqlite3.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
                sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,

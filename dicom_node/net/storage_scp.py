@@ -8,7 +8,7 @@ each rejection is logged with its reason and the exact DIMSE status the sender
 sees, so an operator can tell a misbehaving modality from a full disk.
 
 Datasets are never held whole in memory: pynetdicom writes each incoming
-dataset to a temporary file while it arrives; the handler copies it behind our
+dataset to a temporary file while it arrives (``<root>/tmp/spool``, ``spool.py``); the handler copies it behind our
 own File Meta Information into the store's ``tmp`` folder and hands that file
 to the store.
 """
@@ -46,10 +46,11 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
+from dicom_node import audit
 from dicom_node.dicom import validation
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
-from dicom_node.net import statuses
+from dicom_node.net import spool, statuses
 from dicom_node.net.association import called_ae
 
 log = logging.getLogger("dicom_node.net.storage_scp")
@@ -140,10 +141,12 @@ def write_part10(event: evt.Event, dest: Path, calling_ae: str) -> None:
 
 
 class _Counts:
-    __slots__ = ("stored", "duplicates", "rejected")
+    __slots__ = ("stored", "duplicates", "rejected", "studies")
 
     def __init__(self) -> None:
         self.stored = self.duplicates = self.rejected = 0
+        #: what the audit trail records at the end of the association, per study
+        self.studies: dict[str, audit.Study] = {}
 
 
 class StorageService:
@@ -152,17 +155,21 @@ class StorageService:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._counts: dict[int, _Counts] = {}
+        self._audited: dict[int, _Counts] = {}
         self._lock = threading.Lock()
 
     # -- the listener's service protocol (dicom_node.net.listener.Service) --------------
 
     def configure(self, ae: AE) -> None:
         self.store.ensure_schema()  # before the first C-STORE: folders and index exist
+        spool.attach(ae, self.store.tmp_dir / "spool")  # pynetdicom's spool files inside the root, 0600
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
 
     def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_C_STORE, self.on_store)]
+        return [(evt.EVT_C_STORE, self.on_store), *spool.HANDLERS,
+                (evt.EVT_RELEASED, self._audit_end), (evt.EVT_ABORTED, self._audit_end),
+                (evt.EVT_CONN_CLOSE, self._audit_end)]
 
     def summary(self, assoc: Any) -> dict[str, int]:
         """What this association stored; forgotten afterwards (the listener logs it at release/abort)."""
@@ -172,7 +179,26 @@ class StorageService:
 
     def _counts_for(self, assoc: Any) -> _Counts:
         with self._lock:
-            return self._counts.setdefault(id(assoc), _Counts())
+            counts = self._counts.setdefault(id(assoc), _Counts())
+            self._audited.setdefault(id(assoc), counts)
+            return counts
+
+    def _audit_end(self, event: evt.Event) -> None:
+        """One audit record per study this association sent us (``audit.py``), however it ended."""
+        with self._lock:
+            counts = self._audited.pop(id(event.assoc), None)
+        if counts is None or not counts.studies:
+            return
+        assoc = event.assoc
+        node_ae = called_ae(assoc) or assoc.acceptor.ae_title
+        trail = audit.trail_for(self.store.root, assoc.acceptor.ae_title)
+        participants = [audit.Participant(assoc.requestor.ae_title, assoc.requestor.address, True, audit.SOURCE_ROLE),
+                        audit.Participant(node_ae, None, False, audit.DESTINATION_ROLE)]
+        outcome = audit.SUCCESS if not counts.rejected else audit.MINOR_FAILURE
+        for study in counts.studies.values():
+            trail.record(audit.INSTANCES_TRANSFERRED, audit.CREATE, outcome, participants, audit.study_objects([study]),
+                         description=f"received: {counts.rejected} instance(s) refused on this association"
+                         if counts.rejected else None)
 
     # -- C-STORE ------------------------------------------------------------------------
 
@@ -216,6 +242,9 @@ class StorageService:
                 return self._reject(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc), "", sop_uid, calling_ae)
         finally:
             tmp.unlink(missing_ok=True)  # consumed on success; removed on every other path
+        study = counts.studies.setdefault(result.study_uid, audit.Study(result.study_uid))
+        study.patient_id = study.patient_id or result.patient_id
+        study.add(result.sop_class_uid)
         if result.duplicate:
             counts.duplicates += 1
             log.info("scp.store.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,

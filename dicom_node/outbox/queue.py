@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicom_node import audit
 from dicom_node.config import NodeSettings
 from dicom_node.index import db
 from dicom_node.logs import fields
@@ -166,10 +167,13 @@ class Outbox:
         *,
         calling_ae: str | None = None,
         recover_interrupted: bool = True,
+        audit_trail: audit.AuditTrail | None = None,
     ) -> None:
         self.db_path = Path(db_path)
         self.settings = settings
         self.calling_ae = calling_ae or settings.node.ae_title
+        #: where deliveries are recorded; the node passes its store's, else beside the database
+        self.audit = audit_trail or audit.AuditTrail(self.db_path.parent / "audit", self.calling_ae)
         self._local = threading.local()
         self._conns: builtins.list = []
         self._conns_lock = threading.Lock()
@@ -446,6 +450,32 @@ class Outbox:
                                       now, permanent=outcome.result == "permanent")
             counts["dead" if state == "dead" else "retried"] += 1
 
+    def _audit_delivered(self, dest: Any, delivered: Sequence[tuple[Work, int]]) -> None:
+        """One audit record per study delivered to ``dest`` in this batch (``audit.py``)."""
+        if not delivered:
+            return
+        studies: dict[str, audit.Study] = {}
+        warnings: dict[str, int] = {}
+        for work, status in delivered:
+            try:
+                ds = pydicom.dcmread(work.path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"])
+                study_uid, patient_id = str(ds.get("StudyInstanceUID", "") or "unknown"), ds.get("PatientID")
+            except (OSError, InvalidDicomError, ValueError):
+                study_uid, patient_id = "unknown", None
+            study = studies.setdefault(study_uid, audit.Study(study_uid, str(patient_id) if patient_id else None))
+            study.add(work.sop_class_uid)
+            warnings[study_uid] = warnings.get(study_uid, 0) + (status != 0x0000)
+        trail = self.audit
+        peer = getattr(dest, "ae_title", None) or getattr(dest, "url", dest.name)
+        participants = [audit.Participant(self.calling_ae, None, True, audit.SOURCE_ROLE),
+                        audit.Participant(str(peer), getattr(dest, "host", None), False, audit.DESTINATION_ROLE)]
+        for uid, study in studies.items():
+            trail.record(audit.INSTANCES_TRANSFERRED, audit.READ,
+                         audit.MINOR_FAILURE if warnings[uid] else audit.SUCCESS, participants,
+                         audit.study_objects([study]),
+                         description=f"outbox: delivered to destination {dest.name!r}"
+                                     + (f", {warnings[uid]} with a warning status" if warnings[uid] else ""))
+
     def _process_destination(self, name: str, now: float | None, cancel: threading.Event | None) -> dict[str, int]:
         counts = {"sent": 0, "retried": 0, "dead": 0}
         items = self._claim(name, now)
@@ -459,9 +489,15 @@ class Outbox:
                 for w in items:
                     self._record(name, Outcome(w, "failed", None, f"destination {name!r} is not configured"), now, counts)
                 return counts
-            for outcome in sender_for(dest, self.settings, self.calling_ae).send(items, cancel):
-                self._record(name, outcome, now, counts)
-                pending.pop(outcome.work.id, None)
+            delivered: builtins.list[tuple[Work, int]] = []
+            try:
+                for outcome in sender_for(dest, self.settings, self.calling_ae).send(items, cancel):
+                    self._record(name, outcome, now, counts)
+                    pending.pop(outcome.work.id, None)
+                    if outcome.result == "sent" and outcome.status is not None:
+                        delivered.append((outcome.work, outcome.status))
+            finally:
+                self._audit_delivered(dest, delivered)
             self._release(builtins.list(pending.values()))  # a sender that said nothing of an item: untried
         except Exception as exc:
             # never leave claimed rows 'sending' behind an unexpected error: count it as a failed attempt

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from dicom_node import logs
+from dicom_node import audit, logs
 from dicom_node.config import NodeSettings
 from dicom_node.index.store import Store
 from dicom_node.net.listener import Listener, node_listener
@@ -33,9 +33,10 @@ class Node:
         db_path = settings.storage.database_path
         self.store = Store(settings.storage.root, db_path)
         self.store.ensure_schema()
+        self.store.clear_tmp()  # a crash's partial files and spool folders: nothing writes there yet
         self.jobs = JobQueue(db_path)
         self.jobs.ensure_schema()
-        self.outbox = Outbox(db_path, settings)
+        self.outbox = Outbox(db_path, settings, audit_trail=audit.trail_for(self.store.root, settings.node.ae_title))
         self.settler = Settler(settings, self.store)
         self.pairing = Pairing(settings, self.store, self.jobs)
         #: VGG16 models per device, loaded once and shared by the jobs
