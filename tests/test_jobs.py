@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 
-from dicom_node.workflow.jobs import MAX_INTERRUPTIONS, Executor, JobQueue, input_key
+import pytest
+
+from dicom_node.workflow.jobs import (
+    MAX_INTERRUPTIONS,
+    Executor,
+    JobQueue,
+    JobStateError,
+    input_key,
+    output_seed,
+    retry_job,
+)
 
 
 def _queue(tmp_path) -> JobQueue:
@@ -53,12 +65,88 @@ def test_restart_resumes_running_jobs_and_gives_up_after_limit(tmp_path):
     q = _queue(tmp_path)
     job_id, _ = q.enqueue("k", "p", "b", "o")
     q.claim()  # "crash" while running
-    fresh = _queue(tmp_path)
+    fresh = _queue(tmp_path)  # the same node (same root) restarted: takes its job back at once
     assert fresh.recover() == 1 and fresh.get(job_id).state == "queued"
+    assert fresh.get(job_id).interruptions == 1 and fresh.get(job_id).retries == 0
     for _ in range(MAX_INTERRUPTIONS - 1):
-        fresh.claim()
-        fresh.recover()
-    assert fresh.get(job_id).state == "failed" and "interrupted" in fresh.get(job_id).error
+        _queue(tmp_path).claim()  # each run dies holding it
+        _queue(tmp_path).recover()
+    job = fresh.get(job_id)
+    assert job.state == "failed" and "interrupted 3 times" in job.error and job.interruptions == MAX_INTERRUPTIONS
+
+
+def test_operator_retries_do_not_use_up_interruptions(tmp_path):
+    """The measured bug: a job retried twice was failed by the next restart (one shared counter)."""
+    q = _queue(tmp_path)
+    job_id, _ = q.enqueue("k", "p", "b", "o")
+    for _ in range(3):
+        job = q.claim()
+        q.fail(job.id, "boom")
+        retry_job(q, job_id)
+    assert q.get(job_id).retries == 3 and q.get(job_id).interruptions == 0
+    _queue(tmp_path).claim()  # the node dies running it
+    assert _queue(tmp_path).recover() == 1
+    assert q.get(job_id).state == "queued" and q.get(job_id).interruptions == 1
+
+
+def test_lease_heartbeat_and_takeover_by_another_node(tmp_path):
+    a = JobQueue(tmp_path / "node.sqlite", owner="host-a", lease_s=0.6)
+    a.ensure_schema()
+    b = JobQueue(tmp_path / "node.sqlite", owner="host-b", lease_s=0.6)
+    job_id, _ = a.enqueue("k", "p", "b", "o")
+    job = a.claim()
+    assert job.lease_owner == "host-a" and job.lease_run == a.run_id and job.lease_expires > time.time()
+    assert b.claim() is None and b.recover() == 0  # a's lease is live: not b's to take
+    for _ in range(3):  # a's heartbeat keeps it alive past several lease lengths
+        time.sleep(0.3)
+        assert a.heartbeat() == 1
+        assert b.recover() == 0
+    time.sleep(0.8)  # a died: no heartbeat
+    taken = b.claim()
+    assert taken is not None and taken.id == job_id and taken.lease_owner == "host-b"
+    assert taken.interruptions == 1
+    assert not a.finish(job_id, {"late": True})  # the dead run's late finish changes nothing
+    assert b.finish(job_id, {"ok": True}) and b.get(job_id).state == "done"
+
+
+def test_retry_guards(tmp_path):
+    q = _queue(tmp_path)
+    job_id, _ = q.enqueue("k", "p", "b", "o")
+    with pytest.raises(JobStateError, match="no job 99"):
+        retry_job(q, 99)
+    with pytest.raises(JobStateError, match="is queued"):
+        retry_job(q, job_id)
+    q.claim()
+    with pytest.raises(JobStateError, match="is running"):
+        retry_job(q, job_id)
+    q.save_checkpoint(job_id, {"version": 1, "registration": {"matrix": []}})
+    q.fail(job_id, "boom")
+    again = retry_job(q, job_id)  # failed: same version (same UIDs), checkpoint kept
+    assert again.state == "queued" and again.version == 1 and again.retries == 1 and again.checkpoint
+    q.claim()
+    assert q.finish(job_id, {"instances": 3})
+    with pytest.raises(JobStateError, match="--new-version"):
+        retry_job(q, job_id)
+    v2 = retry_job(q, job_id, new_version=True)
+    assert v2.state == "queued" and v2.version == 2 and v2.retries == 2 and v2.checkpoint is None
+
+
+def test_output_seed_follows_inputs_parameters_and_version(tmp_path):
+    from dicom_node.config import parse_config
+
+    def pipeline(**kw):
+        return parse_config({"pipelines": [{"name": "p", "base": {"modality": ["CT"]},
+                                            "overlay": {"modality": ["MR"]}, **kw}]}).pipelines[0]
+
+    q = _queue(tmp_path)
+    job_id, _ = q.enqueue(input_key("p", ["1.1"], ["2.1"]), "p", "b", "o")
+    job = q.get(job_id)
+    seed = output_seed(job, pipeline())
+    assert seed == output_seed(q.get(job_id), pipeline())
+    assert seed != output_seed(job, pipeline(method="wls"))
+    assert seed != output_seed(job, pipeline(feature_source="image"))
+    assert seed != output_seed(dataclasses.replace(job, version=2), pipeline())
+    assert seed != output_seed(dataclasses.replace(job, key=input_key("p", ["1.1", "1.2"], ["2.1"])), pipeline())
 
 
 def test_executor_records_success_and_failure(tmp_path):

@@ -51,6 +51,7 @@ from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
 from dicom_node.net import statuses
 from dicom_node.net.association import called_ae
+from fusion.environment import crash_point
 
 log = logging.getLogger("dicom_node.net.storage_scp")
 
@@ -216,6 +217,7 @@ class StorageService:
                 return self._reject(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc), "", sop_uid, calling_ae)
         finally:
             tmp.unlink(missing_ok=True)  # consumed on success; removed on every other path
+        crash_point("receive")  # fault tests: stored and indexed, not yet answered
         if result.duplicate:
             counts.duplicates += 1
             log.info("scp.store.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
