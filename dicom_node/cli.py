@@ -182,11 +182,11 @@ def _offline_node(args: argparse.Namespace) -> tuple[NodeSettings, Store, JobQue
     """The node's database parts without the network side, for inspection commands."""
     from dicom_node.index.store import Store
     from dicom_node.outbox import Outbox
-    from dicom_node.workflow.jobs import JobQueue
+    from dicom_node.workflow.jobs import JobQueue, node_identity
 
     settings = _settings(args)
     db_path = settings.storage.database_path
-    store, jobs = Store(settings.storage.root, db_path), JobQueue(db_path)
+    store, jobs = Store(settings.storage.root, db_path), JobQueue(db_path, owner=node_identity(settings.storage.root))
     outbox = Outbox(db_path, settings, recover_interrupted=False)  # a running node may own 'sending' rows
     for part in (store, jobs, outbox):
         part.ensure_schema()

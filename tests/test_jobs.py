@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 
@@ -166,3 +167,31 @@ def test_executor_records_success_and_failure(tmp_path):
     assert q.get(bad).state == "failed" and "overlay has 1 slice" in q.get(bad).error
     q.requeue(bad)
     assert q.get(bad).state == "queued"
+
+
+def test_cli_jobs_retry_guards_and_counters(tmp_path, capsys):
+    """`fusion-node jobs retry`: an unknown or running job is an error (non-zero exit), a done one needs --new-version."""
+    from dicom_node.cli import main
+
+    root = tmp_path / "data"
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[storage]\nroot = "{root}"\n')
+    q = JobQueue(root / "node.sqlite")
+    q.ensure_schema()
+    job_id, _ = q.enqueue("k", "p", "b", "o")
+    q.claim()
+    assert main(["jobs", "retry", "42", "--config", str(cfg)]) == 1
+    assert "no job 42" in capsys.readouterr().err
+    assert main(["jobs", "retry", str(job_id), "--config", str(cfg)]) == 1
+    assert "is running" in capsys.readouterr().err
+    q.finish(job_id, {"instances": 3})
+    assert main(["jobs", "retry", str(job_id), "--config", str(cfg)]) == 1
+    assert "--new-version" in capsys.readouterr().err
+    assert main(["jobs", "retry", str(job_id), "--new-version", "--config", str(cfg)]) == 0
+    assert "version 2" in capsys.readouterr().out
+    assert main(["jobs", "list", "--config", str(cfg)]) == 0
+    line = capsys.readouterr().out
+    assert "queued" in line and "v2" in line and "interrupted=0" in line and "retried=1" in line
+    assert main(["jobs", "show", str(job_id), "--config", str(cfg)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == 2 and shown["retries"] == 1 and shown["interruptions"] == 0 and "lease" in shown
