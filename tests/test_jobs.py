@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -62,15 +66,24 @@ def test_claim_is_exclusive_across_threads(tmp_path):
     assert sorted(claimed) == sorted(j.id for j in q.list())
 
 
+def _die_holding_a_job(tmp_path) -> None:
+    """Another process of this node claims the next job and dies with it (os._exit: no clean-up)."""
+    code = ("import os, sys; from dicom_node.workflow.jobs import JobQueue; "
+            "q = JobQueue(sys.argv[1]); assert q.claim() is not None; os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "node.sqlite")], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
 def test_restart_resumes_running_jobs_and_gives_up_after_limit(tmp_path):
     q = _queue(tmp_path)
     job_id, _ = q.enqueue("k", "p", "b", "o")
-    q.claim()  # "crash" while running
-    fresh = _queue(tmp_path)  # the same node (same root) restarted: takes its job back at once
+    _die_holding_a_job(tmp_path)
+    assert q.get(job_id).state == "running" and q.get(job_id).lease_expires > time.time()
+    fresh = _queue(tmp_path)  # the same node (same root) restarted: takes its job back at once, lease or not
     assert fresh.recover() == 1 and fresh.get(job_id).state == "queued"
     assert fresh.get(job_id).interruptions == 1 and fresh.get(job_id).retries == 0
     for _ in range(MAX_INTERRUPTIONS - 1):
-        _queue(tmp_path).claim()  # each run dies holding it
+        _die_holding_a_job(tmp_path)
         _queue(tmp_path).recover()
     job = fresh.get(job_id)
     assert job.state == "failed" and "interrupted 3 times" in job.error and job.interruptions == MAX_INTERRUPTIONS
@@ -85,7 +98,7 @@ def test_operator_retries_do_not_use_up_interruptions(tmp_path):
         q.fail(job.id, "boom")
         retry_job(q, job_id)
     assert q.get(job_id).retries == 3 and q.get(job_id).interruptions == 0
-    _queue(tmp_path).claim()  # the node dies running it
+    _die_holding_a_job(tmp_path)
     assert _queue(tmp_path).recover() == 1
     assert q.get(job_id).state == "queued" and q.get(job_id).interruptions == 1
 
@@ -103,6 +116,7 @@ def test_lease_heartbeat_and_takeover_by_another_node(tmp_path):
         assert a.heartbeat() == 1
         assert b.recover() == 0
     time.sleep(0.8)  # a died: no heartbeat
+    assert b.counts() == {"running": 1, "running_lease_expired": 1}  # what `status` shows
     taken = b.claim()
     assert taken is not None and taken.id == job_id and taken.lease_owner == "host-b"
     assert taken.interruptions == 1

@@ -83,6 +83,17 @@ _ADDED_COLUMNS = (
 )
 
 
+def _pid_alive(pid: str) -> bool:
+    """Whether a process of this machine still runs (a lease's run id starts with its pid)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 class JobStateError(NodeError):
     """The job cannot be retried in its state (or does not exist); the message says what to do."""
 
@@ -244,37 +255,42 @@ class JobQueue:
         retry_job(self, job_id)
 
     def recover(self, now: float | None = None) -> int:
-        """Take over the running jobs of dead runs: this node's earlier runs at once, others' after their lease.
+        """Take over the running jobs of dead runs; returns how many went back to the queue.
 
-        Each one counts an interruption and goes back to the queue (its
-        checkpoint kept, so it resumes); after :data:`MAX_INTERRUPTIONS` it fails.
+        A run is dead when its lease ran out (any node's), or at once when it
+        was this node's and its process is gone (a restart after kill -9 or a
+        power cut: the same host and root, a pid that no longer runs).  Each one
+        counts an interruption and goes back to the queue with its checkpoint,
+        so it resumes; after :data:`MAX_INTERRUPTIONS` it fails.
         """
         t = db.now() if now is None else now
-        dead = ("state = 'running' AND COALESCE(lease_run, '') <> ? AND "
-                "(COALESCE(lease_owner, '') = ? OR lease_owner IS NULL OR COALESCE(lease_expires, 0) < ?)")
-        args = (self.run_id, self.owner, t)
-        if not self.conn.execute(f"SELECT 1 FROM jobs WHERE {dead} LIMIT 1", args).fetchone():
+        candidates = "SELECT id, lease_owner, lease_run, lease_expires, interruptions FROM jobs " \
+                     "WHERE state = 'running' AND COALESCE(lease_run, '') <> ?"
+        if not any(self._dead(r, t) for r in self.conn.execute(candidates, (self.run_id,))):
             return 0  # the usual case, without taking the write lock
         with db.transaction(self.conn) as c:
-            rows = c.execute(f"SELECT id, lease_owner, interruptions FROM jobs WHERE {dead}", args).fetchall()
-            if not rows:
-                return 0
-            c.execute(f"UPDATE jobs SET interruptions = interruptions + 1, lease_run = NULL, lease_expires = NULL "
-                      f"WHERE {dead}", args)
-            c.execute(
-                "UPDATE jobs SET state = 'failed', finished_at = ?, error = 'interrupted ' || interruptions ||"
-                " ' times (the node died or stopped while running it); not resumed again: check the node log,"
-                " then `fusion-node jobs retry` it' WHERE state = 'running' AND lease_run IS NULL AND interruptions >= ?",
-                (t, MAX_INTERRUPTIONS),
-            )
-            n = c.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running' AND lease_run IS NULL").rowcount
+            rows = [r for r in c.execute(candidates, (self.run_id,)).fetchall() if self._dead(r, t)]
+            for r in rows:
+                fail = r["interruptions"] + 1 >= MAX_INTERRUPTIONS
+                c.execute(
+                    "UPDATE jobs SET interruptions = interruptions + 1, lease_run = NULL, lease_expires = NULL,"
+                    " state = ?, finished_at = ?, error = ? WHERE id = ?",
+                    ("failed" if fail else "queued", t if fail else None,
+                     f"interrupted {r['interruptions'] + 1} times (the node died or stopped while running it); not "
+                     "resumed again: check the node log, then `fusion-node jobs retry` it" if fail else None, r["id"]))
         for r in rows:
             log.warning("job.taken_over", extra=logs.fields(
                 job_id=r["id"], previous_owner=r["lease_owner"], own=r["lease_owner"] == self.owner,
                 interruptions=r["interruptions"] + 1))
-        if n:
-            log.warning("jobs.recovered", extra=logs.fields(count=n))
+        n = sum(1 for r in rows if r["interruptions"] + 1 < MAX_INTERRUPTIONS)
+        if rows:
+            log.warning("jobs.recovered", extra=logs.fields(count=n, failed=len(rows) - n))
         return n
+
+    def _dead(self, row: Any, now: float) -> bool:
+        if row["lease_owner"] is None or row["lease_run"] is None or (row["lease_expires"] or 0) < now:
+            return True
+        return row["lease_owner"] == self.owner and not _pid_alive(str(row["lease_run"]).split("-")[0])
 
     def get(self, job_id: int) -> Job | None:
         row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -288,7 +304,13 @@ class JobQueue:
         return [Job.from_row(r) for r in self.conn.execute(q + " ORDER BY id", args)]
 
     def counts(self) -> dict[str, int]:
-        return {r["state"]: r["n"] for r in self.conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        """Jobs per state; ``running_lease_expired`` counts running jobs whose node stopped renewing (died)."""
+        out = {r["state"]: r["n"] for r in self.conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        stale = self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running' AND COALESCE(lease_expires, 0) < ?",
+                                  (db.now(),)).fetchone()[0]
+        if stale:
+            out["running_lease_expired"] = stale
+        return out
 
 
 def retry_job(queue: JobQueue, job_id: int, *, new_version: bool = False) -> Job:
