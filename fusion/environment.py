@@ -114,3 +114,23 @@ def crash_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def child_environment(pythonpath: Path | None = None, **switches: str | None) -> dict[str, str]:
+    """This process's environment for a child process, with ``switches`` set (None: removed).
+
+    For tests that start the node as a real process: ``pythonpath`` puts a
+    checkout first on the path, the switches (only names of :data:`SWITCHES`)
+    e.g. ``FUSION_CRASH_AT``.
+    """
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH", "")) if p)
+    for name, value in switches.items():
+        if name not in _NAMES:
+            raise KeyError(f"{name} is not a documented switch; add it to fusion.environment.SWITCHES")
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env

@@ -504,7 +504,7 @@ def test_two_pipelines_on_one_base_get_their_own_numbers_and_descriptions(pair):
 
     reg = stages.Registration(tuple(tuple(float(v) for v in r) for r in np.eye(4)))
     fused = stages.FusedStack(np.zeros((6, 32, 40), np.uint8), "dmf", ("cbf", "tif", "wls"), "image", "cpu")
-    out = [stages.derive(stages.LoadedPair(V(ct, "CT"), V(mr, "MR")), reg, fused, p, UID_ROOT,  # type: ignore[arg-type]
+    out = [stages.derive(stages.LoadedPair(V(ct, "CT"), V(mr, "MR")), reg, fused, p, UID_ROOT,  # type: ignore[arg-type]  # - a stand-in volume: derive reads only headers and modality
                          uid_seed=f"seed-{p.name}", series_offset=i)
            for i, p in enumerate(settings.pipelines)]
     base_number = int(ct[0].SeriesNumber)
@@ -512,7 +512,7 @@ def test_two_pipelines_on_one_base_get_their_own_numbers_and_descriptions(pair):
     assert [int(o.reg.SeriesNumber) for o in out] == [base_number + 2000, base_number + 2001]
     assert len({o.sc[0].SeriesDescription for o in out}) == 2 and len({o.reg.SeriesDescription for o in out}) == 2
     assert out[0].reg.SeriesDescription == "REG MR>CT CT-MR"
-    v2 = stages.derive(stages.LoadedPair(V(ct, "CT"), V(mr, "MR")), reg, fused, settings.pipelines[0],  # type: ignore[arg-type]
+    v2 = stages.derive(stages.LoadedPair(V(ct, "CT"), V(mr, "MR")), reg, fused, settings.pipelines[0],  # type: ignore[arg-type]  # - a stand-in volume: derive reads only headers and modality
                        UID_ROOT, uid_seed="seed-v2", version=2)
     assert v2.sc[0].SeriesDescription.endswith("CT-MR V2") and v2.reg.SeriesDescription.endswith("V2")
     assert "(version 2)" in v2.sc[0].DerivationDescription

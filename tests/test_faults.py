@@ -21,7 +21,6 @@ as ``FAULT-FIGURES {json}`` lines; docs/reliability.md has the table.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -36,6 +35,8 @@ import pydicom
 import pytest
 from dicom_helpers import dcmtk, free_port
 from peers import OrthancServer
+
+from fusion.environment import child_environment
 
 REPO = Path(__file__).resolve().parents[1]
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -96,10 +97,7 @@ overlay = {{ modality = ["MR"], min_instances = 10 }}
 
     def start(self, crash_at: str | None = None) -> Run:
         self.runs += 1
-        env = {k: v for k, v in os.environ.items() if k != "FUSION_CRASH_AT"}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-        if crash_at:
-            env["FUSION_CRASH_AT"] = crash_at
+        env = child_environment(REPO, FUSION_CRASH_AT=crash_at)
         log = self.config.parent / f"node-run{self.runs}.log"
         proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
                                 env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -273,6 +271,27 @@ def test_baseline_no_fault(tmp_path, pacs, pair):
     figures = _check_outcome(node, pacs, pair, len(list(ct.iterdir())))
     assert figures["interruptions"] == 0 and figures["resumed"] == []
     print("FAULT-FIGURES", json.dumps(figures | {"case": "no fault (baseline)", "tries": 1, "recover_s": round(total, 1)}))
+
+    # the operator's retry of the done job: refused without --new-version; with it, a second, marked series
+    cli = [sys.executable, "-m", "dicom_node.cli", "jobs", "retry", "1", "--config", str(node.config)]
+    env = child_environment(REPO, FUSION_CRASH_AT=None)
+    refused = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=REPO)
+    assert refused.returncode == 1 and "--new-version" in refused.stderr
+    assert subprocess.run([*cli, "--new-version"], capture_output=True, text=True, env=env, cwd=REPO).returncode == 0
+    first_uid = json.loads(node.job()["result"])["sc_series_uid"]
+    run = node.start()
+    try:
+        _wait(lambda: node.delivered() and node.job()["version"] == 2, 600, "version 2 delivered", run.proc)
+    finally:
+        run.proc.send_signal(signal.SIGTERM)
+        run.proc.wait(60)
+    descriptions = {}
+    for sid in pacs.get("/series"):
+        tags = pacs.get(f"/series/{sid}")["MainDicomTags"]
+        descriptions[tags["SeriesInstanceUID"]] = tags.get("SeriesDescription", "")
+    v2_uid = json.loads(node.job()["result"])["sc_series_uid"]
+    assert v2_uid != first_uid and descriptions[v2_uid].endswith(" V2") and not descriptions[first_uid].endswith("V2")
+    assert sum("REG" in d for d in descriptions.values()) == 2
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from dicom_node.workflow.jobs import (
     output_seed,
     retry_job,
 )
+from fusion.environment import child_environment
 
 
 def _queue(tmp_path) -> JobQueue:
@@ -71,7 +71,7 @@ def _die_holding_a_job(tmp_path) -> None:
     code = ("import os, sys; from dicom_node.workflow.jobs import JobQueue; "
             "q = JobQueue(sys.argv[1]); assert q.claim() is not None; os._exit(0)")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "node.sqlite")], check=True,
-                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                   env=child_environment(Path(__file__).resolve().parents[1]))
 
 
 def test_restart_resumes_running_jobs_and_gives_up_after_limit(tmp_path):
