@@ -209,3 +209,31 @@ def test_cli_jobs_retry_guards_and_counters(tmp_path, capsys):
     assert main(["jobs", "show", str(job_id), "--config", str(cfg)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == 2 and shown["retries"] == 1 and shown["interruptions"] == 0 and "lease" in shown
+
+
+def test_checkpoints_resume_only_the_same_job_version_and_parameters(tmp_path):
+    import numpy as np
+
+    from dicom_node.workflow import checkpoint
+    from dicom_node.workflow.checkpoint import Checkpoints
+    from dicom_node.workflow.stages import FusedStack, Registration
+
+    q = _queue(tmp_path)
+    job_id, _ = q.enqueue("k", "p", "b", "o")
+    job = q.claim()
+    ck = Checkpoints(q, job, tmp_path, "seed-1")
+    assert ck.registration() is None and ck.fused() is None
+    reg = Registration(((1.0, 0, 0, 2.5), (0, 1.0, 0, 0), (0, 0, 1.0, 0), (0, 0, 0, 1.0)), {"registration_metric": -0.5},
+                       {"ok": True})
+    ck.save_registration(reg, 6.5)
+    fused = FusedStack(np.arange(24, dtype=np.uint8).reshape(2, 3, 4), "dmf", ("cbf", "tif", "wls"), "image", "cpu")
+    ck.save_fused(fused)
+    again = Checkpoints(q, q.get(job_id), tmp_path, "seed-1")  # the next run of the job
+    assert again.registration() == (reg, 6.5)
+    got = again.fused()
+    assert got is not None and np.array_equal(got.pixels, fused.pixels) and got.trio == fused.trio
+    changed = Checkpoints(q, q.get(job_id), tmp_path, "seed-2")  # the pipeline's parameters changed
+    assert changed.registration() is None and changed.fused() is None
+    assert checkpoint.clean(q, tmp_path) == 0  # running: kept
+    q.fail(job_id, "boom")
+    assert checkpoint.clean(q, tmp_path) == 1 and not list(checkpoint.folder(tmp_path).iterdir())

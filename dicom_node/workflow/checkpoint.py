@@ -9,7 +9,10 @@ Two checkpoints, the two expensive stages:
   objects were being written or published re-derives them without fusing again
   (the UIDs follow from the job, so they come out the same).
 
-Both belong to one job version: ``jobs retry --new-version`` clears them.
+Both belong to one job version and one set of parameters: each carries the
+job's output seed (``jobs.output_seed``) and is ignored when it no longer
+matches (the pipeline's method or registration settings changed), and
+``jobs retry --new-version`` clears them.
 The fused file is removed once the job is done; :func:`clean` removes those of
 jobs that are no longer queued or running (start-up).
 """
@@ -37,20 +40,20 @@ def folder(root: Path) -> Path:
 class Checkpoints:
     """The checkpoints of one job run; every save happens only while this run holds the job's lease."""
 
-    def __init__(self, queue: JobQueue, job: Job, root: Path):
-        self._queue, self._job = queue, job
+    def __init__(self, queue: JobQueue, job: Job, root: Path, seed: str):
+        self._queue, self._job, self._seed = queue, job, seed
         self._doc: dict[str, Any] = dict(job.checkpoint or {})
         self._fused_path = folder(root) / f"job-{job.id}-v{job.version}.npz"
 
     def registration(self) -> tuple[Registration, float] | None:
         """The saved registration and the seconds it took, or None."""
         doc = self._doc.get("registration")
-        if not doc or self._doc.get("version") != self._job.version:
+        if not doc or self._doc.get("version") != self._job.version or self._doc.get("seed") != self._seed:
             return None
         return Registration.from_json(doc), float(self._doc.get("register_s") or 0.0)
 
     def save_registration(self, registration: Registration, seconds: float) -> None:
-        self._doc.update(version=self._job.version, registration=registration.to_json(), register_s=round(seconds, 3))
+        self._doc.update(version=self._job.version, seed=self._seed, registration=registration.to_json(), register_s=round(seconds, 3))
         self._queue.save_checkpoint(self._job.id, self._doc)
         log.info("job.checkpoint.saved", extra=logs.fields(job_id=self._job.id, stage="register"))
 
@@ -59,6 +62,8 @@ class Checkpoints:
             return None
         try:
             with np.load(self._fused_path, allow_pickle=False) as z:
+                if str(z["seed"]) != self._seed:
+                    return None
                 return FusedStack(np.asarray(z["pixels"]), str(z["method"]), tuple(str(t) for t in z["trio"]),
                                   str(z["feature_source"]), str(z["device"]))
         except (OSError, ValueError, KeyError) as exc:  # a torn file: fuse again
@@ -70,7 +75,7 @@ class Checkpoints:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
         with open(tmp, "wb") as f:
-            np.savez(f, pixels=fused.pixels, method=fused.method, trio=np.array(fused.trio, dtype=str),
+            np.savez(f, seed=self._seed, pixels=fused.pixels, method=fused.method, trio=np.array(fused.trio, dtype=str),
                      feature_source=fused.feature_source, device=fused.device)
             f.flush()
             os.fsync(f.fileno())

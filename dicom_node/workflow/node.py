@@ -51,10 +51,11 @@ class Node:
         """Run the job's stages (resuming from its checkpoints), then make its objects visible and queued at once."""
         pipeline = pipeline_named(self.settings, job.pipeline)
         offset = [p.name for p in self.settings.pipelines].index(pipeline.name)
+        seed = output_seed(job, pipeline)
         inputs = JobInputs(job.id, job.pipeline, [i.path for i in self.store.instances(job.base_series_uid)],
                            [i.path for i in self.store.instances(job.overlay_series_uid)], version=job.version,
-                           uid_seed=output_seed(job, pipeline), series_offset=offset)
-        checkpoints = Checkpoints(self.jobs, job, self.store.root)
+                           uid_seed=seed, series_offset=offset)
+        checkpoints = Checkpoints(self.jobs, job, self.store.root, seed)
         outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models, checkpoints)
         result = self.deliver(job, outputs)
         checkpoints.discard_files()
