@@ -35,6 +35,8 @@ log = logging.getLogger("dicom_node.cli")
 
 EXIT_USAGE = 2
 EXIT_RESOURCE = 3
+#: the command was understood but the state of what it names refuses it (e.g. retrying a running job)
+EXIT_FAILED = 1
 
 
 class CliError(Exception):
@@ -180,11 +182,11 @@ def _offline_node(args: argparse.Namespace) -> tuple[NodeSettings, Store, JobQue
     """The node's database parts without the network side, for inspection commands."""
     from dicom_node.index.store import Store
     from dicom_node.outbox import Outbox
-    from dicom_node.workflow.jobs import JobQueue
+    from dicom_node.workflow.jobs import JobQueue, node_identity
 
     settings = _settings(args)
     db_path = settings.storage.database_path
-    store, jobs = Store(settings.storage.root, db_path), JobQueue(db_path)
+    store, jobs = Store(settings.storage.root, db_path), JobQueue(db_path, owner=node_identity(settings.storage.root))
     outbox = Outbox(db_path, settings, recover_interrupted=False)  # a running node may own 'sending' rows
     for part in (store, jobs, outbox):
         part.ensure_schema()
@@ -215,22 +217,38 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     _, _, jobs, _ = _offline_node(args)
+    from dicom_node.workflow.jobs import JobStateError, retry_job
+
     if args.action == "retry":
+        if not args.ids:
+            raise CliError("name the job(s) to retry: `fusion-node jobs retry ID ...`")
+        errors = []
         for job_id in args.ids:
-            jobs.requeue(job_id)
-        print(f"requeued {len(args.ids)} job(s); a running node picks them up")
+            try:
+                again = retry_job(jobs, job_id, new_version=args.new_version)
+            except JobStateError as exc:
+                errors.append(exc.operator_message)
+                continue
+            print(f"job {again.id} queued again (version {again.version}, retry {again.retries}); "
+                  "a running node picks it up")
+        if errors:
+            raise CliError("; ".join(errors), code=EXIT_FAILED)
         return 0
     if args.action == "show":
         for job_id in args.ids:
             job = jobs.get(job_id)
             if job is None:
-                raise CliError(f"no job {job_id}; `fusion-node jobs list` shows them")
-            print(json.dumps({"id": job.id, "state": job.state, "pipeline": job.pipeline, "attempts": job.attempts,
+                raise CliError(f"no job {job_id}; `fusion-node jobs list` shows them", code=EXIT_FAILED)
+            print(json.dumps({"id": job.id, "state": job.state, "pipeline": job.pipeline, "version": job.version,
+                              "attempts": job.attempts, "interruptions": job.interruptions, "retries": job.retries,
+                              "lease": {"owner": job.lease_owner, "run": job.lease_run, "expires": job.lease_expires},
+                              "checkpoint": sorted((job.checkpoint or {}).keys()),
                               "error": job.error, "result": job.result}, indent=2, default=str))
         return 0
     for j in jobs.list(args.state):
         secs = (j.result or {}).get("seconds", "")
-        print(f"{j.id:5d} {j.state:8s} {j.pipeline:12s} attempts={j.attempts} {j.error or ''} {secs}")
+        print(f"{j.id:5d} {j.state:8s} {j.pipeline:12s} v{j.version} interrupted={j.interruptions} "
+              f"retried={j.retries} {j.error or ''} {secs}")
     return 0
 
 
@@ -304,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("action", choices=("list", "show", "retry"))
     j.add_argument("ids", type=int, nargs="*")
     j.add_argument("--state", choices=("queued", "running", "done", "failed"))
+    j.add_argument("--new-version", action="store_true",
+                   help="with retry of a done job: make a new version (new UIDs, 'v2' in the descriptions)")
     j.set_defaults(func=cmd_jobs)
     o = with_config(sub.add_parser("outbox", help="list outgoing instances, or make dead/pending ones due again"))
     o.add_argument("action", choices=("list", "retry"))

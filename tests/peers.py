@@ -20,14 +20,17 @@ class OrthancServer:
     """Orthanc on loopback ports of its own; ``dicomweb=True`` loads the DICOMweb plugin at /dicom-web/.
 
     ``users`` ({name: password}) turns HTTP Basic authentication on (REST and DICOMweb alike).
+    ``ports`` (DICOM, HTTP) reuses the ports of a stopped server on the same ``workdir``: the PACS back
+    after an outage, with what it had stored.
     """
 
-    def __init__(self, workdir: Path, *, dicomweb: bool = False, users: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, *, dicomweb: bool = False, users: dict[str, str] | None = None,
+                 ports: tuple[int, int] | None = None):
         if not Path(ORTHANC).exists():
             pytest.skip("Orthanc is not installed (apt-get install orthanc; `make test` does it)")
         if dicomweb and not Path(DICOMWEB_PLUGIN).exists():
             pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
-        self.dicom_port, self.http_port = free_port(), free_port()
+        self.dicom_port, self.http_port = ports or (free_port(), free_port())
         self.users = dict(users or {})
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = {
@@ -40,7 +43,7 @@ class OrthancServer:
             "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         }
         (workdir / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = open(workdir / "orthanc.log", "w")
+        self.log = open(workdir / "orthanc.log", "a")
         self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

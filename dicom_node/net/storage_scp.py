@@ -52,6 +52,7 @@ from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
 from dicom_node.net import spool, statuses
 from dicom_node.net.association import called_ae
+from fusion.environment import crash_point
 
 log = logging.getLogger("dicom_node.net.storage_scp")
 
@@ -245,6 +246,7 @@ class StorageService:
         study = counts.studies.setdefault(result.study_uid, audit.Study(result.study_uid))
         study.patient_id = study.patient_id or result.patient_id
         study.add(result.sop_class_uid)
+        crash_point("receive")  # fault tests: stored and indexed, not yet answered
         if result.duplicate:
             counts.duplicates += 1
             log.info("scp.store.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,

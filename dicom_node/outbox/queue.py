@@ -44,6 +44,7 @@ from dicom_node.net.scu import MAX_CONTEXTS
 from dicom_node.net.statuses import hex_status
 from dicom_node.outbox.senders import Outcome, Work, sender_for
 from dicom_node.states import OutboxState, check_in
+from fusion.environment import crash_point
 
 log = logging.getLogger("dicom_node.outbox")
 
@@ -254,31 +255,44 @@ class Outbox:
         Idempotent on (destination, SOP Instance UID): an instance already
         queued, sent or dead is left as it is (revive dead ones with :meth:`retry`).
         """
+        with db.transaction(self._conn()) as conn:
+            new = self.enqueue_in(conn, destination, items, job_id)
+        self.wake()
+        return new
+
+    def enqueue_in(self, conn: sqlite3.Connection, destination: str, items: Sequence[Queued | Path],
+                   job_id: int | None = None) -> int:
+        """:meth:`enqueue` inside the caller's open transaction on ``conn`` (the rows commit with it).
+
+        The node queues a derived series in the transaction that indexes it
+        (``Store.publish``), so it is sent only once it is complete.  Call
+        :meth:`wake` after the commit.
+        """
         self._check_destination(destination)
         entries: builtins.list[tuple[str, str, str]] = []
         for item in items:
             q = QueuedFile.read(item) if isinstance(item, (str, Path)) else item
             entries.append((str(q.sop_instance_uid), str(q.sop_class_uid), str(Path(q.path).resolve())))
-
         t = db.now()
         new = 0
-        with db.transaction(self._conn()) as conn:
-            for sop_inst, sop_class, path in entries:
-                new += conn.execute(
-                    "INSERT INTO outbox (destination, sop_instance_uid, sop_class_uid, path, job_id, state,"
-                    " attempts, next_attempt_at, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
-                    " ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
-                    (destination, sop_inst, sop_class, path, job_id, t, t, t),
-                ).rowcount
+        for sop_inst, sop_class, path in entries:
+            new += conn.execute(
+                "INSERT INTO outbox (destination, sop_instance_uid, sop_class_uid, path, job_id, state,"
+                " attempts, next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
+                " ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
+                (destination, sop_inst, sop_class, path, job_id, t, t, t),
+            ).rowcount
         log.info(
             "outbox.enqueued",
             extra=fields(destination=destination, job_id=job_id, new=new, already_queued=len(entries) - new,
                          sop_instance_uids=[e[0] for e in entries]),
         )
-        if new:
-            self._wake.set()
         return new
+
+    def wake(self) -> None:
+        """Tell the worker that new rows are due (after the transaction that queued them committed)."""
+        self._wake.set()
 
     def retry(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
         """Put dead (or pending) items back to pending, attempts reset, due now; returns how many.
@@ -405,6 +419,7 @@ class Outbox:
                 " WHERE id=?",
                 (status, db.now(), w.id),
             )
+        crash_point("send")  # fault tests: sent and recorded, the rest of the batch not
         warning = status != 0x0000
         log.log(
             logging.WARNING if warning else logging.INFO,

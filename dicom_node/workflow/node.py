@@ -19,7 +19,9 @@ from dicom_node.config import NodeSettings
 from dicom_node.index.store import Store
 from dicom_node.net.listener import Listener, node_listener
 from dicom_node.outbox import Outbox
-from dicom_node.workflow.jobs import Executor, Job, JobQueue
+from dicom_node.workflow import checkpoint
+from dicom_node.workflow.checkpoint import Checkpoints
+from dicom_node.workflow.jobs import Executor, Job, JobQueue, node_identity, output_seed
 from dicom_node.workflow.pairing import Pairing
 from dicom_node.workflow.pipeline import JobInputs, JobOutputs, pipeline_named, run_pipeline
 from dicom_node.workflow.settle import Settler
@@ -34,7 +36,7 @@ class Node:
         self.store = Store(settings.storage.root, db_path)
         self.store.ensure_schema()
         self.store.clear_tmp()  # a crash's partial files and spool folders: nothing writes there yet
-        self.jobs = JobQueue(db_path)
+        self.jobs = JobQueue(db_path, owner=node_identity(settings.storage.root))
         self.jobs.ensure_schema()
         self.outbox = Outbox(db_path, settings, audit_trail=audit.trail_for(self.store.root, settings.node.ae_title))
         self.settler = Settler(settings, self.store)
@@ -47,23 +49,48 @@ class Node:
         self._sweeper: threading.Thread | None = None
 
     def _run_job(self, job: Job) -> dict[str, Any]:
-        """Run the job's stages, then store its objects and queue them for the pipeline's destinations."""
+        """Run the job's stages (resuming from its checkpoints), then make its objects visible and queued at once."""
+        pipeline = pipeline_named(self.settings, job.pipeline)
+        offset = [p.name for p in self.settings.pipelines].index(pipeline.name)
+        seed = output_seed(job, pipeline)
         inputs = JobInputs(job.id, job.pipeline, [i.path for i in self.store.instances(job.base_series_uid)],
-                           [i.path for i in self.store.instances(job.overlay_series_uid)])
-        outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models)
-        return self.deliver(job.id, outputs)
+                           [i.path for i in self.store.instances(job.overlay_series_uid)], version=job.version,
+                           uid_seed=seed, series_offset=offset)
+        checkpoints = Checkpoints(self.jobs, job, self.store.root, seed)
+        outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models, checkpoints)
+        result = self.deliver(job, outputs)
+        checkpoints.discard_files()
+        return result
 
-    def deliver(self, job_id: int, outputs: JobOutputs) -> dict[str, Any]:
-        """Store a job's derived objects and queue them; returns the result record with those timings added."""
+    def deliver(self, job: Job, outputs: JobOutputs) -> dict[str, Any]:
+        """Store a job's derived objects, queue them and mark the job done, all in one transaction.
+
+        The files are staged first (``Store.stage``), then one transaction
+        indexes them, queues them for the pipeline's destinations and marks
+        the job done (``Store.publish``): a crash at any point leaves either
+        nothing visible (the staged files are removed at start-up and the job
+        resumes) or everything.  Returns the result record with the timings added.
+        """
+        from fusion.environment import crash_point
+
         result = dict(outputs.result)
         seconds = dict(result.get("seconds") or {})
         t0 = time.perf_counter()
-        stored = [self.store.store_dataset(ds, origin="derived") for ds in outputs.derived.datasets]
+        staged = self.store.stage(f"job-{job.id}-v{job.version}", outputs.derived.datasets,
+                                  on_file=lambda i: crash_point("stage"))
         t1 = time.perf_counter()
-        for dest in pipeline_named(self.settings, result["pipeline"]).destinations:
-            self.outbox.enqueue(dest, stored, job_id=job_id)
-        seconds.update(store=round(t1 - t0, 3), queue=round(time.perf_counter() - t1, 3))
-        result["seconds"] = seconds
+        destinations = pipeline_named(self.settings, result["pipeline"]).destinations
+
+        def queue_and_finish(conn: Any, stored: list[Any]) -> None:
+            for dest in destinations:
+                self.outbox.enqueue_in(conn, dest, stored, job_id=job.id)
+            seconds.update(store=round(t1 - t0, 3), queue=round(time.perf_counter() - t1, 3))
+            result["seconds"] = seconds
+            crash_point("publish")
+            self.jobs.finish(job.id, result, conn)
+
+        self.store.publish(staged, queue_and_finish)
+        self.outbox.wake()
         return result
 
     @property
@@ -76,6 +103,10 @@ class Node:
         return self._listener.tls_port if self._listener else None
 
     def start(self) -> Node:
+        # before anything writes: derived series never published and partial received files go,
+        # fused checkpoints of jobs that will not resume go, this node's dead jobs are taken back
+        self.store.clean_staging()
+        checkpoint.clean(self.jobs, self.store.root)
         self.jobs.recover()
         self._listener = node_listener(self.settings, self.store).start()
         self.executor.start()

@@ -18,6 +18,7 @@ from typing import Any
 from dicom_node import logs
 from dicom_node.config import NodeSettings, Pipeline
 from dicom_node.workflow import stages
+from dicom_node.workflow.checkpoint import Checkpoints
 from dicom_node.workflow.stages import DerivedObjects, JobError
 
 log = logging.getLogger("dicom_node.workflow.pipeline")
@@ -48,6 +49,12 @@ class JobInputs:
     pipeline: str
     base_paths: Sequence[Path]
     overlay_paths: Sequence[Path]
+    #: the job's version (1, +1 per ``jobs retry --new-version``): written into the descriptions
+    version: int = 1
+    #: what the derived UIDs follow from (``jobs.output_seed``); None = random UIDs
+    uid_seed: str | None = None
+    #: the pipeline's place in the configuration: keeps two pipelines' Series Numbers on one base apart
+    series_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,15 @@ def pipeline_named(settings: NodeSettings, name: str) -> Pipeline:
 
 
 def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
-                 models: dict[str, Any] | None = None) -> JobOutputs:
-    """Run one job's stages; returns the derived objects and the result record."""
+                 models: dict[str, Any] | None = None, checkpoints: Checkpoints | None = None) -> JobOutputs:
+    """Run one job's stages; returns the derived objects and the result record.
+
+    With ``checkpoints``, a registration or fused stack an earlier run of the
+    job finished is used instead of being computed again (``result["resumed"]``
+    names the stages skipped), and each is saved as soon as it is done.
+    """
     from fusion.backend import resolve_device
+    from fusion.environment import crash_point
 
     pipeline = pipeline_named(settings, job.pipeline)
     clock = StageClock({})
@@ -82,26 +95,48 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
         job_id=job.job_id, base=f"{pair.base.modality} {pair.base.image.GetSize()}",
         overlay=f"{pair.overlay.modality} {pair.overlay.image.GetSize()}", notes=notes))
 
-    with clock.stage("register"):
-        registration = stages.register(pair, pipeline, qc_dir, job.job_id)
+    resumed: list[str] = []
+    saved = checkpoints.registration() if checkpoints else None
+    if saved is not None:
+        registration, clock.seconds["register"] = saved
+        resumed.append("register")
+    else:
+        crash_point("register")
+        with clock.stage("register"):
+            registration = stages.register(pair, pipeline, qc_dir, job.job_id)
+        if checkpoints:
+            checkpoints.save_registration(registration, clock.seconds["register"])
     result.update(registration.as_result())
-    log.info("pipeline.registered", extra=logs.fields(job_id=job.job_id, **registration.figures))
-
-    with clock.stage("prepare"):
-        prepared = stages.prepare(pair, registration, pipeline)
+    log.info("pipeline.registered", extra=logs.fields(job_id=job.job_id, resumed="register" in resumed,
+                                                       **registration.figures))
 
     device = resolve_device(settings.device)
+    fused = checkpoints.fused() if checkpoints else None
+    if fused is not None:
+        resumed.append("fuse")
+    else:
+        with clock.stage("prepare"):
+            prepared = stages.prepare(pair, registration, pipeline)
 
-    def progress(done: int, total: int) -> None:
-        log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.job_id, slices_done=done, slices_total=total))
+        def progress(done: int, total: int) -> None:
+            log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.job_id, slices_done=done,
+                                                                 slices_total=total))
+            crash_point("fuse")
 
-    with clock.stage("fuse"):
-        fused = stages.fuse(prepared, pipeline, device, models, progress)
+        with clock.stage("fuse"):
+            fused = stages.fuse(prepared, pipeline, device, models, progress)
+        if checkpoints:
+            checkpoints.save_fused(fused)
+    if resumed:
+        result["resumed"] = resumed
+        log.info("pipeline.resumed", extra=logs.fields(job_id=job.job_id, skipped=resumed))
 
     with clock.stage("encode"):
-        derived = stages.derive(pair, registration, fused, pipeline, settings.uid_root)
+        derived = stages.derive(pair, registration, fused, pipeline, settings.uid_root, uid_seed=job.uid_seed,
+                                version=job.version, series_offset=job.series_offset)
 
     result.update(seconds=clock.seconds, method=fused.method, trio=list(fused.trio),
                   sc_series_uid=str(derived.sc[0].SeriesInstanceUID),
-                  reg_sop_instance_uid=str(derived.reg.SOPInstanceUID), instances=len(derived.sc), device=device)
+                  reg_sop_instance_uid=str(derived.reg.SOPInstanceUID), instances=len(derived.sc),
+                  device=fused.device, version=job.version)
     return JobOutputs(derived, result)

@@ -280,13 +280,23 @@ def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict
 
 
 def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipeline: Pipeline,
-           uid_root: str) -> DerivedObjects:
-    """The fused Secondary Capture series and the Spatial Registration object, in the base's study."""
+           uid_root: str, *, uid_seed: str | None = None, version: int = 1, series_offset: int = 0) -> DerivedObjects:
+    """The fused Secondary Capture series and the Spatial Registration object, in the base's study.
+
+    ``uid_seed`` makes every UID follow from the job (a re-run makes the same
+    objects); ``version`` > 1 (an operator's explicit new version) is written
+    into both descriptions, so the PACS shows which series is the newer one;
+    ``series_offset`` (the pipeline's place in the configuration) keeps the
+    Series Numbers of two pipelines fusing the same base apart.
+    """
+    from dicom_node.dicom.derived import default_series_number
     from dicom_node.dicom.reg import build_registration
     from dicom_node.dicom.sc import build_sc_series, sc_series_description
 
     base, overlay = pair.base, pair.overlay
-    description = sc_series_description(pipeline.name, base.modality, overlay.modality, registration.warning)
+    name = pipeline.name if version <= 1 else f"{pipeline.name} v{version}"
+    description = sc_series_description(name, base.modality, overlay.modality, registration.warning)
+    reg_description = reg_series_description(name, base.modality, overlay.modality)
     if fused.method == "dmf":
         how = (f"DMF fusion of {overlay.modality} onto {base.modality}: "
                f"{'+'.join(m.upper() for m in fused.trio)} exposures, "
@@ -294,9 +304,24 @@ def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipe
     else:
         how = f"{fused.method.upper()} fusion of {overlay.modality} onto {base.modality}"
     derivation = how + (", rigid Mattes-MI registration" if pipeline.registration.enabled else ", not registered")
+    if version > 1:
+        derivation += f" (version {version})"
+    base0 = base.headers[0]
     sc = build_sc_series(base.headers, overlay.headers, fused.pixels, uid_root=uid_root,
                          series_description=description, derivation_description=derivation[:1024],
-                         base_to_overlay=registration.matrix_array)
+                         base_to_overlay=registration.matrix_array, uid_seed=uid_seed,
+                         series_number=default_series_number(base0, 1000 + series_offset))
     reg = build_registration(base.headers, overlay.headers, registration.matrix_array, uid_root=uid_root,
-                             content_label="RIGID_MI")
+                             content_label="RIGID_MI", uid_seed=uid_seed, series_description=reg_description,
+                             series_number=default_series_number(base0, 2000 + series_offset))
     return DerivedObjects(sc, reg)
+
+
+def reg_series_description(pipeline_name: str, base_modality: str, overlay_modality: str) -> str:
+    """The REG series' description: names the pipeline, so two fusions of one base are told apart.
+
+    >>> reg_series_description("mr-pt", "MR", "PT")
+    'REG PT>MR MR-PT'
+    """
+    text = f"REG {overlay_modality.strip().upper()}>{base_modality.strip().upper()} {pipeline_name.strip().upper()}"
+    return text.replace("\\", "/").encode("ascii", "replace").decode("ascii")[:64].rstrip()
