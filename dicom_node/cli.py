@@ -237,12 +237,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_outbox(args: argparse.Namespace) -> int:
     _, _, _, outbox = _offline_node(args)
     if args.action == "retry":
-        n = outbox.retry(args.ids or None, destination=args.destination)
+        n = outbox.retry(args.ids or None, destination=args.destination, series_uid=args.series)
         print(f"{n} item(s) due again; a running node sends them")
         return 0
-    for item in outbox.list(state=args.state, destination=args.destination):
-        print(f"{item.id:6d} {item.destination:10s} {item.state:8s} attempts={item.attempts} "
-              f"{item.sop_instance_uid} {item.last_error or ''}")
+    if args.items:
+        for item in outbox.list(state=args.state, destination=args.destination):
+            print(f"{item.id:6d} {item.destination:10s} {item.state:8s} attempts={item.attempts} "
+                  f"{item.sop_instance_uid} {item.last_error or ''}")
+        return 0
+    groups = outbox.groups(state=args.state, destination=args.destination)
+    if not groups:
+        print("outbox empty" + (f" (state {args.state})" if args.state else ""))
+    print(f"{'destination':12s} {'state':8s} {'count':>5s}  series / last error")
+    for g in groups:
+        print(f"{g.destination:12s} {g.state:8s} {g.count:5d}  {g.series_uid or '(series unknown)'}"
+              + (f"  last error: {g.last_error}" if g.last_error and g.state != "sent" else ""))
+        if g.state == "dead":
+            print(f"{'':28s}retry: {g.retry_command}")
+    for name, h in outbox.destination_health().items():
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["failing_since"]))
+        print(f"destination {name} failing since {since}: {h['last_error']}")
     return 0
 
 
@@ -305,11 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("ids", type=int, nargs="*")
     j.add_argument("--state", choices=("queued", "running", "done", "failed"))
     j.set_defaults(func=cmd_jobs)
-    o = with_config(sub.add_parser("outbox", help="list outgoing instances, or make dead/pending ones due again"))
+    o = with_config(sub.add_parser("outbox", help="list outgoing instances by series (dead letters first), or make "
+                                                  "dead/pending ones due again"))
     o.add_argument("action", choices=("list", "retry"))
     o.add_argument("ids", type=int, nargs="*")
     o.add_argument("--state", choices=("pending", "sending", "sent", "dead"))
     o.add_argument("--destination")
+    o.add_argument("--series", metavar="UID", help="retry: only the items of this series")
+    o.add_argument("--items", action="store_true", help="list: one line per item instead of per series")
     o.set_defaults(func=cmd_outbox)
 
     d = sub.add_parser("demo", help="embedded demo: a node receives a CT+MR pair, fuses it, sends it to a local "
