@@ -168,10 +168,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.plain_enabled:
         ports.insert(0, f"port {node.port}")
     aes = [cfg.ae_title, *(p.ae_title for p in node.settings.pipelines if p.ae_title)]
-    print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C stops", flush=True)
+    print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C or SIGTERM stops "
+          f"(within {cfg.shutdown_timeout_s:g} s), SIGHUP reloads {args.config}", flush=True)
+    received: list[str] = []  # handlers only set flags; the main loop logs (no lock taken in a signal handler)
+
+    def on_stop(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        node.request_stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: node.request_stop())
-    node.wait()
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGHUP, lambda *_: node.request_reload())
+    while node.wait() == "reload":
+        log.info("node.signal", extra=logs.fields(signal="SIGHUP", action="reload"))
+        node.reload(args.config)
+    log.info("node.signal", extra=logs.fields(signal=received[0] if received else None, action="stop"))
     node.stop()
     return 0
 
@@ -260,6 +271,27 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from dicom_node.workflow.retention import DAY_S, Retention
+
+    settings, store, _, _ = _offline_node(args)
+    report = Retention(settings, store).purge(dry_run=args.dry_run)
+    space = report.free_before
+    print(f"disk: {space.free_percent:.1f}% free ({space.free_bytes / 1e9:.1f} GB) under {settings.storage.root}; "
+          f"watermark {settings.retention.min_free_percent:g}%, reserve {settings.retention.reserve_free_percent:g}%"
+          + (" -- BELOW THE WATERMARK" if report.below_watermark else ""))
+    verb = "would purge" if args.dry_run else "purged"
+    for v in report.purged:
+        print(f"{verb}: {v.origin:8s} {v.state:9s} {v.series_uid} {v.instances} instance(s) "
+              f"{v.size_bytes / 1e6:.1f} MB, {v.age_s / DAY_S:.2f} days: {v.reason}")
+    if args.explain:
+        for v in report.kept:
+            print(f"keep: {v.origin:8s} {v.state:9s} {v.series_uid} {v.instances} instance(s): {v.reason}")
+    print(f"{verb} {len(report.purged)} series, {report.bytes_purged / 1e6:.1f} MB; kept {len(report.kept)}"
+          + ("" if args.explain else " (--explain says why)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fusion.api import fusion_methods
 
@@ -328,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--series", metavar="UID", help="retry: only the items of this series")
     o.add_argument("--items", action="store_true", help="list: one line per item instead of per series")
     o.set_defaults(func=cmd_outbox)
+
+    pg = with_config(sub.add_parser("purge", help="delete what retention allows: series fused and delivered, or "
+                                                  "never fused, past their age limits ([retention])"))
+    pg.add_argument("--dry-run", action="store_true", help="only list what would go, and why")
+    pg.add_argument("--explain", action="store_true", help="also list what is kept, and why")
+    pg.set_defaults(func=cmd_purge)
 
     d = sub.add_parser("demo", help="embedded demo: a node receives a CT+MR pair, fuses it, sends it to a local "
                                     "destination; PNG previews (no services needed)")

@@ -243,6 +243,10 @@ class QueryRetrieveService:
         self.settings = settings
         self.store = store
 
+    def apply_settings(self, settings: NodeSettings) -> None:
+        """A reloaded configuration: C-MOVE destinations follow at once (``enabled`` needs a restart)."""
+        self.settings = settings
+
     # -- wiring -------------------------------------------------------------------------
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:

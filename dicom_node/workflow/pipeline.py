@@ -8,6 +8,7 @@ nothing and sends nothing - the node does both (``node.py``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Any
 from dicom_node import logs
 from dicom_node.config import NodeSettings, Pipeline
 from dicom_node.workflow import stages
+from dicom_node.workflow.jobs import JobInterrupted
 from dicom_node.workflow.stages import DerivedObjects, JobError
 
 log = logging.getLogger("dicom_node.workflow.pipeline")
@@ -64,15 +66,26 @@ def pipeline_named(settings: NodeSettings, name: str) -> Pipeline:
     raise JobError(f"pipeline {name!r} is no longer in the configuration; re-add it or delete the job")
 
 
+def _check(cancel: threading.Event | None, job_id: int, before: str) -> None:
+    """The stage boundary: a stopping node ends the job here (it goes back to the queue)."""
+    if cancel is not None and cancel.is_set():
+        raise JobInterrupted(f"job {job_id}: the node is stopping; stopped before {before}, queued again")
+
+
 def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
-                 models: dict[str, Any] | None = None) -> JobOutputs:
-    """Run one job's stages; returns the derived objects and the result record."""
+                 models: dict[str, Any] | None = None, cancel: threading.Event | None = None) -> JobOutputs:
+    """Run one job's stages; returns the derived objects and the result record.
+
+    ``cancel`` is checked between stages and between fused slices; when set,
+    :class:`JobInterrupted` is raised, so a SIGTERM costs at most one stage.
+    """
     from fusion.backend import resolve_device
 
     pipeline = pipeline_named(settings, job.pipeline)
     clock = StageClock({})
     result: dict[str, Any] = {"pipeline": pipeline.name}
 
+    _check(cancel, job.job_id, "load")
     with clock.stage("load"):
         pair = stages.load(job.base_paths, job.overlay_paths)
     notes = [*pair.base.notes, *pair.overlay.notes]
@@ -82,26 +95,32 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
         job_id=job.job_id, base=f"{pair.base.modality} {pair.base.image.GetSize()}",
         overlay=f"{pair.overlay.modality} {pair.overlay.image.GetSize()}", notes=notes))
 
+    _check(cancel, job.job_id, "register")
     with clock.stage("register"):
         registration = stages.register(pair, pipeline, qc_dir, job.job_id)
     result.update(registration.as_result())
     log.info("pipeline.registered", extra=logs.fields(job_id=job.job_id, **registration.figures))
 
+    _check(cancel, job.job_id, "prepare")
     with clock.stage("prepare"):
         prepared = stages.prepare(pair, registration, pipeline)
 
     device = resolve_device(settings.device)
 
     def progress(done: int, total: int) -> None:
+        _check(cancel, job.job_id, f"fusing slice {done + 1} of {total}")
         log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.job_id, slices_done=done, slices_total=total))
 
+    _check(cancel, job.job_id, "fuse")
     with clock.stage("fuse"):
         fused = stages.fuse(prepared, pipeline, device, models, progress)
 
+    _check(cancel, job.job_id, "encode")
     with clock.stage("encode"):
         derived = stages.derive(pair, registration, fused, pipeline, settings.uid_root)
 
     result.update(seconds=clock.seconds, method=fused.method, trio=list(fused.trio),
                   sc_series_uid=str(derived.sc[0].SeriesInstanceUID),
                   reg_sop_instance_uid=str(derived.reg.SOPInstanceUID), instances=len(derived.sc), device=device)
+    _check(cancel, job.job_id, "storing the derived objects")
     return JobOutputs(derived, result)
