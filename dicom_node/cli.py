@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -183,7 +184,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("node.signal", extra=logs.fields(signal="SIGHUP", action="reload"))
         node.reload(args.config)
     log.info("node.signal", extra=logs.fields(signal=received[0] if received else None, action="stop"))
-    node.stop()
+    report = node.stop()
+    if report.get("jobs_released"):
+        # a job thread is still inside a native call (e.g. the registration); its job is queued again
+        # already. Exit now: interpreter teardown under a running C extension can crash and turn a
+        # clean stop into a non-zero exit status.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
