@@ -184,16 +184,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("node.signal", extra=logs.fields(signal="SIGHUP", action="reload"))
         node.reload(args.config)
     log.info("node.signal", extra=logs.fields(signal=received[0] if received else None, action="stop"))
-    report = node.stop()
-    if report.get("jobs_released"):
-        # a job thread is still inside a native call (e.g. the registration); its job is queued again
-        # already. Exit now: interpreter teardown under a running C extension can crash and turn a
-        # clean stop into a non-zero exit status.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    node.stop()
+    # Everything is committed and the log flushed: exit now.  Interpreter teardown (torch, SimpleITK,
+    # thread joins) took 1-7 s under load and could crash under a job thread still inside a native
+    # call (a registration released at the deadline), turning a clean stop into a failure status.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _offline_node(args: argparse.Namespace) -> tuple[NodeSettings, Store, JobQueue, Outbox]:

@@ -438,6 +438,8 @@ class NodeSettings(_Model):
     outbox: OutboxConfig = OutboxConfig()
     query_retrieve: QueryRetrieveConfig = QueryRetrieveConfig()
     retention: RetentionConfig = RetentionConfig()
+    #: level of the node's JSON log (DEBUG, INFO, WARNING, ERROR); unset = ``--log-level``; SIGHUP applies a change
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -584,6 +586,8 @@ uid_root = "1.2.826.0.1.3680043.8.498."
 workers = 1
 # auto = GPU when CuPy sees one, else CPU
 device = "auto"
+# Level of the JSON log; unset = the command line's --log-level. SIGHUP applies a change.
+# log_level = "INFO"
 
 [node]
 ae_title = "FUSIONNODE"

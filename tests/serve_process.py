@@ -83,8 +83,10 @@ class ServeProcess:
 
 
 def node_toml(*, port: int = 0, extra: str = "", shutdown_timeout_s: float = 5.0,
-              destinations: str = "", pipelines: str = "") -> str:
+              destinations: str = "", pipelines: str = "", top: str = "") -> str:
+    """A node config; ``extra`` goes under [node], ``top`` before it (top-level keys)."""
     return f'''
+{top}
 [node]
 ae_title = "FUSIONNODE"
 host = "127.0.0.1"

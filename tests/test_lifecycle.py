@@ -180,19 +180,22 @@ def test_sighup_applies_a_changed_config_and_survives_a_broken_one(tmp_path):
     try:
         assert _echo(port, "SCANNER")
         # a changed file: an access list (applied live) and the port (needs a restart)
-        node.config.write_text(node_toml(port=free_port(), extra='allowed_callers = ["OTHER"]'))
+        assert not node.events("scp.echo"), "a debug event, not logged at INFO"
+        node.config.write_text(node_toml(port=free_port(), extra='allowed_callers = ["OTHER"]',
+                                         top='log_level = "DEBUG"'))
         node.signal(signal.SIGHUP)
         rec = node.wait_event("config.reloaded", 10)
-        assert "node.allowed_callers" in rec["applied"] and "node.port" in rec["restart_needed"]
+        assert {"node.allowed_callers", "log_level"} <= set(rec["applied"]) and "node.port" in rec["restart_needed"]
         assert node.events("config.reload.restart_needed")[0]["keys"] == ["node.port"]
         assert not _echo(port, "SCANNER"), "the new access list applies at once"
         assert _echo(port, "OTHER"), "on the port it was started with"
+        node.wait_event("scp.echo", 5, calling_ae="OTHER")  # the new log level applies too
         # a broken file: logged, the running configuration kept, the node alive
         node.config.write_text("[node\nport = 'x'")
         node.signal(signal.SIGHUP)
         failed = node.wait_event("config.reload.failed", 10)
         assert "not valid TOML" in failed["error"]
-        node.config.write_text(node_toml(port=port, extra='max_associations = 0'))  # invalid value
+        node.config.write_text(node_toml(port=port, extra='max_associations = 0'))  # an invalid value
         node.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while len(node.events("config.reload.failed")) < 2 and time.monotonic() < deadline:

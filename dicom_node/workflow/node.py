@@ -83,6 +83,8 @@ class Node:
         return self._listener.tls_port if self._listener else None
 
     def start(self) -> Node:
+        if self.settings.log_level is not None:
+            logs.set_level(self.settings.log_level)
         self.jobs.recover()
         self._listener = node_listener(self.settings, self.store).start()
         self.executor.start()
@@ -134,6 +136,8 @@ class Node:
         self.settler = Settler(settings, self.store)
         self.pairing = Pairing(settings, self.store, self.jobs)
         self.retention.settings = settings
+        if settings.log_level is not None:
+            logs.set_level(settings.log_level)
         if self._listener is not None:
             self._listener.apply_settings(settings)
 
