@@ -113,9 +113,11 @@ def job(folder: Path, timeout: float, delay: float, pair: tuple[Path, Path]) -> 
         time.sleep(delay)
         took, inner, stopped = _stop(node, timeout)
         with node.db() as db:
-            state = db.execute("SELECT state FROM jobs").fetchone()[0]
+            state, error = db.execute("SELECT state, error FROM jobs").fetchone()
         how = "released at the deadline" if stopped["jobs_released"] else (
             "stopped at a stage boundary" if node.events("job.interrupted") else "finished first")
+        if error:
+            how += f" (error: {error[:200]}; log {node.log_path})"
     finally:
         node.stop()
     return {"exit_s": took, "stopped_s": inner, "note": f"job {state}, {how}"}
@@ -126,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=10.0, help="node.shutdown_timeout_s (default 10)")
     ap.add_argument("--job-delays", type=float, nargs="*", default=[0.0, 4.0])
+    ap.add_argument("--workdir", type=Path, default=None, help="keep configs, logs and databases here (default: a "
+                                                               "temporary folder, removed)")
     args = ap.parse_args(argv)
     from fusion_demo.samples import write_synthetic_pair
 
     rows: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.workdir or Path(tmp)
         pair = write_synthetic_pair(root / "pair")
         n = 0
         for _ in range(args.runs):
