@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -170,12 +171,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.plain_enabled:
         ports.insert(0, f"port {node.port}")
     aes = [cfg.ae_title, *(p.ae_title for p in node.settings.pipelines if p.ae_title)]
-    print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C stops", flush=True)
+    print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C or SIGTERM stops "
+          f"(within {cfg.shutdown_timeout_s:g} s), SIGHUP reloads {args.config}", flush=True)
+    received: list[str] = []  # handlers only set flags; the main loop logs (no lock taken in a signal handler)
+
+    def on_stop(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        node.request_stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: node.request_stop())
-    node.wait()
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGHUP, lambda *_: node.request_reload())
+    while node.wait() == "reload":
+        log.info("node.signal", extra=logs.fields(signal="SIGHUP", action="reload"))
+        node.reload(args.config)
+    log.info("node.signal", extra=logs.fields(signal=received[0] if received else None, action="stop"))
     node.stop()
-    return 0
+    # Everything is committed and the log flushed: exit now.  Interpreter teardown (torch, SimpleITK,
+    # thread joins) took 1-7 s under load and could crash under a job thread still inside a native
+    # call (a registration released at the deadline), turning a clean stop into a failure status.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _offline_node(args: argparse.Namespace) -> tuple[NodeSettings, Store, JobQueue, Outbox]:
@@ -255,12 +273,47 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_outbox(args: argparse.Namespace) -> int:
     _, _, _, outbox = _offline_node(args)
     if args.action == "retry":
-        n = outbox.retry(args.ids or None, destination=args.destination)
+        n = outbox.retry(args.ids or None, destination=args.destination, series_uid=args.series)
         print(f"{n} item(s) due again; a running node sends them")
         return 0
-    for item in outbox.list(state=args.state, destination=args.destination):
-        print(f"{item.id:6d} {item.destination:10s} {item.state:8s} attempts={item.attempts} "
-              f"{item.sop_instance_uid} {item.last_error or ''}")
+    if args.items:
+        for item in outbox.list(state=args.state, destination=args.destination):
+            print(f"{item.id:6d} {item.destination:10s} {item.state:8s} attempts={item.attempts} "
+                  f"{item.sop_instance_uid} {item.last_error or ''}")
+        return 0
+    groups = outbox.groups(state=args.state, destination=args.destination)
+    if not groups:
+        print("outbox empty" + (f" (state {args.state})" if args.state else ""))
+    print(f"{'destination':12s} {'state':8s} {'count':>5s}  series / last error")
+    for g in groups:
+        print(f"{g.destination:12s} {g.state:8s} {g.count:5d}  {g.series_uid or '(series unknown)'}"
+              + (f"  last error: {g.last_error}" if g.last_error and g.state != "sent" else ""))
+        if g.state == "dead":
+            print(f"{'':28s}retry: {g.retry_command}")
+    for name, h in outbox.destination_health().items():
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["failing_since"]))
+        print(f"destination {name} failing since {since}: {h['last_error']}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from dicom_node.workflow.retention import DAY_S, Retention
+
+    settings, store, _, _ = _offline_node(args)
+    report = Retention(settings, store).purge(dry_run=args.dry_run)
+    space = report.free_before
+    print(f"disk: {space.free_percent:.1f}% free ({space.free_bytes / 1e9:.1f} GB) under {settings.storage.root}; "
+          f"watermark {settings.retention.min_free_percent:g}%, reserve {settings.retention.reserve_free_percent:g}%"
+          + (" -- BELOW THE WATERMARK" if report.below_watermark else ""))
+    verb = "would purge" if args.dry_run else "purged"
+    for v in report.purged:
+        print(f"{verb}: {v.origin:8s} {v.state:9s} {v.series_uid} {v.instances} instance(s) "
+              f"{v.size_bytes / 1e6:.1f} MB, {v.age_s / DAY_S:.2f} days: {v.reason}")
+    if args.explain:
+        for v in report.kept:
+            print(f"keep: {v.origin:8s} {v.state:9s} {v.series_uid} {v.instances} instance(s): {v.reason}")
+    print(f"{verb} {len(report.purged)} series, {report.bytes_purged / 1e6:.1f} MB; kept {len(report.kept)}"
+          + ("" if args.explain else " (--explain says why)"))
     return 0
 
 
@@ -325,12 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--new-version", action="store_true",
                    help="with retry of a done job: make a new version (new UIDs, 'v2' in the descriptions)")
     j.set_defaults(func=cmd_jobs)
-    o = with_config(sub.add_parser("outbox", help="list outgoing instances, or make dead/pending ones due again"))
+    o = with_config(sub.add_parser("outbox", help="list outgoing instances by series (dead letters first), or make "
+                                                  "dead/pending ones due again"))
     o.add_argument("action", choices=("list", "retry"))
     o.add_argument("ids", type=int, nargs="*")
     o.add_argument("--state", choices=("pending", "sending", "sent", "dead"))
     o.add_argument("--destination")
+    o.add_argument("--series", metavar="UID", help="retry: only the items of this series")
+    o.add_argument("--items", action="store_true", help="list: one line per item instead of per series")
     o.set_defaults(func=cmd_outbox)
+
+    pg = with_config(sub.add_parser("purge", help="delete what retention allows: series fused and delivered, or "
+                                                  "never fused, past their age limits ([retention])"))
+    pg.add_argument("--dry-run", action="store_true", help="only list what would go, and why")
+    pg.add_argument("--explain", action="store_true", help="also list what is kept, and why")
+    pg.set_defaults(func=cmd_purge)
 
     d = sub.add_parser("demo", help="embedded demo: a node receives a CT+MR pair, fuses it, sends it to a local "
                                     "destination; PNG previews (no services needed)")

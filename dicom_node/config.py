@@ -117,6 +117,9 @@ class NodeConfig(_Model):
     #: seconds a new connection has for its TLS handshake and its A-ASSOCIATE-RQ (PS3.8 ARTIM);
     #: a connection that sends nothing in that time is closed and never holds an association slot
     artim_timeout_s: float = Field(10.0, gt=0)
+    #: SIGTERM: stop listening, let open associations finish and the running job reach a stage
+    #: boundary for at most this long, then exit (the job is queued again; docs/operations.md)
+    shutdown_timeout_s: float = Field(10.0, gt=0)
     tls: NodeTLS = NodeTLS()
 
     _ae = field_validator("ae_title")(_check_ae)
@@ -377,9 +380,18 @@ class Pipeline(_Model):
 
 
 class OutboxConfig(_Model):
-    max_attempts: int = Field(6, ge=1)
+    """Retries are bounded by time, not by count: a PACS maintenance window must never need an operator."""
+
+    #: keep retrying an item this long after its first failed attempt, then it is dead (24 h)
+    retry_for_s: float = Field(86400.0, gt=0)
+    #: also dead after this many attempts; 0 = no count limit (``retry_for_s`` alone decides)
+    max_attempts: int = Field(0, ge=0)
+    #: wait before the second attempt (s); doubles per attempt up to ``backoff_max_s``
     backoff_initial_s: float = Field(5.0, gt=0)
-    backoff_max_s: float = Field(600.0, gt=0)
+    #: longest wait between two attempts (s): after an outage, delivery resumes at most this long later
+    backoff_max_s: float = Field(300.0, gt=0)
+    #: a destination failing this long logs ``outbox.destination.down`` once (and ``.up`` when it recovers)
+    alert_after_s: float = Field(600.0, gt=0)
 
 
 class QueryRetrieveConfig(_Model):
@@ -400,6 +412,32 @@ class QueryRetrieveConfig(_Model):
     _addresses = field_validator("allowed_addresses")(_check_networks)
 
 
+class RetentionConfig(_Model):
+    """What the node may delete (dicom_node/workflow/retention.py): only what is fused and delivered, or given up."""
+
+    #: run the purge periodically in ``serve``; false = only ``fusion-node purge`` deletes
+    enabled: bool = True
+    #: how often the node runs the purge (s)
+    interval_s: float = Field(600.0, gt=0)
+    #: received series whose fusions are done and delivered are kept this long after their last instance (days)
+    received_max_age_days: float = Field(7.0, ge=0)
+    #: derived (fused, REG) series are kept this long after they were delivered to every destination (days)
+    derived_max_age_days: float = Field(7.0, ge=0)
+    #: series never fused (unmatched, partner timed out, or their job failed) are kept this long (days)
+    unfused_max_age_days: float = Field(14.0, ge=0)
+    #: below this share of free disk space, eligible series are purged oldest first regardless of age (percent)
+    min_free_percent: float = Field(10.0, ge=0, le=100)
+    #: below this share of free disk space, C-STORE is refused with 0xA700 (out of resources) (percent)
+    reserve_free_percent: float = Field(3.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionConfig:
+        if self.reserve_free_percent > self.min_free_percent:
+            raise ValueError("reserve_free_percent must not exceed min_free_percent (the purge watermark), "
+                             "or the node refuses studies before it tries to make room")
+        return self
+
+
 class NodeSettings(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
@@ -410,6 +448,9 @@ class NodeSettings(_Model):
     pipelines: list[Pipeline] = []
     outbox: OutboxConfig = OutboxConfig()
     query_retrieve: QueryRetrieveConfig = QueryRetrieveConfig()
+    retention: RetentionConfig = RetentionConfig()
+    #: level of the node's JSON log (DEBUG, INFO, WARNING, ERROR); unset = ``--log-level``; SIGHUP applies a change
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -556,6 +597,8 @@ uid_root = "1.2.826.0.1.3680043.8.498."
 workers = 1
 # auto = GPU when CuPy sees one, else CPU
 device = "auto"
+# Level of the JSON log; unset = the command line's --log-level. SIGHUP applies a change.
+# log_level = "INFO"
 
 [node]
 ae_title = "FUSIONNODE"
@@ -579,6 +622,9 @@ network_timeout_s = 60
 # Seconds a new connection has to finish its TLS handshake and send its A-ASSOCIATE-RQ;
 # silent connections are closed after this and never take one of max_associations.
 artim_timeout_s = 10
+# SIGTERM: stop accepting, let open associations and the running job's stage finish for
+# at most this long, then exit 0 (an interrupted job is queued again for the restart).
+shutdown_timeout_s = 10
 
 # DICOM TLS (BCP 195 profile, TLS 1.2 or newer) on a second port beside the plain one.
 # Paths are relative to this file's folder; files are checked when the node starts.
@@ -605,9 +651,29 @@ sweep_interval_s = 2
 use_announced_count = true
 
 [outbox]
-max_attempts = 6
+# Retries are bounded by time: keep trying an item for retry_for_s (24 h) after its
+# first failure, waiting backoff_initial_s doubling up to backoff_max_s between tries;
+# then it is dead (`fusion-node outbox list`, `fusion-node outbox retry --series UID`).
+retry_for_s = 86400
+max_attempts = 0          # 0 = no count limit; time alone decides
 backoff_initial_s = 5
-backoff_max_s = 600
+backoff_max_s = 300
+# A destination failing this long logs outbox.destination.down once (.up when back).
+alert_after_s = 600
+
+# What the node deletes, and when (docs/operations.md, Retention). Only series that are
+# fused and delivered, or never fused and past their own limit; never one a queued or
+# running job or an undelivered outbox item needs. `fusion-node purge --dry-run` shows it.
+[retention]
+enabled = true
+interval_s = 600
+received_max_age_days = 7
+derived_max_age_days = 7
+unfused_max_age_days = 14
+# Free disk below min_free_percent: purge eligible series oldest first, whatever their age.
+min_free_percent = 10.0
+# Free disk below reserve_free_percent: refuse C-STORE with 0xA700 (out of resources).
+reserve_free_percent = 3.0
 
 # Query/Retrieve for workstations: C-FIND, C-GET, and C-MOVE to known destinations.
 [query_retrieve]

@@ -176,6 +176,12 @@ def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
+def set_level(level: str) -> None:
+    """Change the level of the node's own loggers (a reloaded ``log_level``); handlers stay as set up."""
+    for name in ("fusion", "dicom_node"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
 def fields(**kw: Any) -> dict[str, dict[str, Any]]:
     """``extra=`` argument carrying structured fields: ``log.info("x.done", extra=fields(n=3))``."""
     return {"fields": kw}

@@ -43,7 +43,12 @@ class OrthancServer:
             "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         }
         (workdir / "orthanc.json").write_text(json.dumps(cfg))
+        self.workdir = workdir
         self.log = open(workdir / "orthanc.log", "a")
+        self._launch()
+
+    def _launch(self) -> None:
+        workdir = self.workdir
         self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -72,10 +77,20 @@ class OrthancServer:
     def sop_instance_uids(self) -> set[str]:
         return {self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in self.get("/instances")}
 
-    def stop(self) -> None:
+    def down(self) -> None:
+        """Stop the PACS, keeping its ports, database and log for :meth:`up` (a maintenance window)."""
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
+
+    def up(self) -> None:
+        """Start the PACS again on the same ports with the same database."""
+        self._launch()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.down()
         self.log.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -176,6 +177,45 @@ class Listener:
             raise RuntimeError("listener not started")
         return self._bound("tls")
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets: no new association; open ones go on (the first step of a clean stop)."""
+        servers, self._servers = self._servers, {}
+        for server in servers.values():
+            server.shutdown()
+        if servers:
+            log.info("scp.accepting.stopped", extra=fields(ae_title=self.cfg.node.ae_title,
+                                                           open_associations=self.open_associations()))
+
+    def open_associations(self) -> int:
+        return len(self._ae.active_associations) if self._ae is not None else 0
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for open associations to end by themselves; returns how many are left.
+
+        Then waits (at most 2 s more) for C-STOREs being written to finish, so
+        what is aborted afterwards is never an instance half-way to the store.
+        """
+        deadline = time.monotonic() + timeout
+        while self.open_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for service in self.services:
+            wait_idle = getattr(service, "wait_idle", None)
+            if wait_idle is not None:
+                wait_idle(2.0)
+        return self.open_associations()
+
+    def apply_settings(self, cfg: NodeSettings) -> None:
+        """Take a reloaded configuration: access lists, association limit, Q/R settings (ports stay as bound)."""
+        self.cfg = cfg
+        self.policy = AccessPolicy.from_settings(cfg)
+        if self._ae is not None:
+            self._ae.require_calling_aet = list(cfg.node.allowed_callers)
+            self._ae.maximum_associations = 2 * cfg.node.max_associations + 10
+        for service in self.services:
+            apply = getattr(service, "apply_settings", None)
+            if apply is not None:
+                apply(cfg)
+
     def stop(self) -> None:
         """Stop listening and abort open associations (their unanswered stores are retried by the senders)."""
         servers, self._servers = self._servers, {}
@@ -260,10 +300,11 @@ class Listener:
 
 def node_listener(settings: NodeSettings, store: Store) -> Listener:
     """The listener a node runs: Verification and Storage, plus Query/Retrieve when ``[query_retrieve] enabled``."""
+    from dicom_node.index.disk import DiskGuard
     from dicom_node.net.query_retrieve import QueryRetrieveService
     from dicom_node.net.storage_scp import StorageService
 
-    services: list[Service] = [StorageService(store)]
+    services: list[Service] = [StorageService(store, DiskGuard(settings.storage.root, settings.retention))]
     if settings.query_retrieve.enabled:
         services.append(QueryRetrieveService(settings, store))
     return Listener(settings, services)

@@ -250,6 +250,10 @@ class QueryRetrieveService:
         self.access = QueryRetrieveAccess(settings.query_retrieve)
         self.audit = audit.trail_for(store.root, settings.node.ae_title)
 
+    def apply_settings(self, settings: NodeSettings) -> None:
+        """A reloaded configuration: C-MOVE destinations follow at once (``enabled`` needs a restart)."""
+        self.settings = settings
+
     # -- wiring -------------------------------------------------------------------------
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:

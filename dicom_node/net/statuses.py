@@ -32,7 +32,7 @@ CANNOT_UNDERSTAND = 0xC000
 #: what the Storage SCP answers, and what it means there
 STORAGE_SCP: dict[int, str] = {
     SUCCESS: "stored: written, fsynced, renamed into place and indexed",
-    OUT_OF_RESOURCES: "the node's disk or database failed; retry later",
+    OUT_OF_RESOURCES: "the node's disk or database failed, or free disk space is below the retention reserve; retry later",
     DOES_NOT_MATCH_SOP_CLASS: "missing or invalid UIDs, UIDs that differ from the command, impossible image attributes",
     CANNOT_UNDERSTAND: "the dataset cannot be parsed or its pixel data cannot be decoded, or it exceeds a decoding limit",
 }

@@ -48,6 +48,7 @@ from pynetdicom.dsutils import split_dataset
 
 from dicom_node import audit
 from dicom_node.dicom import validation
+from dicom_node.index.disk import DiskGuard
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
 from dicom_node.net import spool, statuses
@@ -153,11 +154,24 @@ class _Counts:
 class StorageService:
     """C-STORE for the listener: every storage SOP class, streamed to the store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, disk: DiskGuard | None = None) -> None:
         self.store = store
+        #: refuses C-STORE (0xA700) while free space is below the retention reserve; None = never
+        self.disk = disk
         self._counts: dict[int, _Counts] = {}
         self._audited: dict[int, _Counts] = {}
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no C-STORE is being written (a clean stop waits for this before aborting associations)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def apply_settings(self, cfg: Any) -> None:
+        if self.disk is not None:
+            self.disk.apply_settings(cfg.retention)
 
     # -- the listener's service protocol (dicom_node.net.listener.Service) --------------
 
@@ -207,16 +221,29 @@ class StorageService:
         calling_ae = event.assoc.requestor.ae_title
         sop_uid = str(_c_store(event).AffectedSOPInstanceUID)
         counts = self._counts_for(event.assoc)
+        with self._lock:
+            self._in_flight += 1
         try:
-            status = self._store(event, calling_ae, sop_uid, counts)
+            status = self._guarded_store(event, calling_ae, sop_uid, counts)
         except Exception:
             # A bug must cost one instance, never the listener.
             log.exception("scp.store.error", extra=fields(sop_instance_uid=sop_uid, calling_ae=calling_ae,
                                                           status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
             status = statuses.CANNOT_UNDERSTAND
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
         if status != statuses.SUCCESS:
             counts.rejected += 1
         return status
+
+    def _guarded_store(self, event: evt.Event, calling_ae: str, sop_uid: str, counts: _Counts) -> int:
+        if self.disk is not None:
+            short = self.disk.below_reserve()
+            if short is not None:
+                return self._reject(statuses.OUT_OF_RESOURCES, "disk below the reserve", short, sop_uid, calling_ae)
+        return self._store(event, calling_ae, sop_uid, counts)
 
     def _reject(self, status: int, reason: str, detail: str, sop_uid: str, calling_ae: str) -> int:
         # detail is an exception text about tags and lengths; capped so a decoder cannot flood the log

@@ -26,6 +26,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
@@ -138,6 +139,10 @@ class Job:
         return cls(**d)
 
 
+class JobInterrupted(NodeError):
+    """The node is stopping: the job stopped at a stage boundary and goes back to the queue (not a failure)."""
+
+
 def input_key(pipeline: str, base_instances: Sequence[str], overlay_instances: Sequence[str]) -> str:
     """Identity of a job's inputs: the pipeline and both series' SOP instance UIDs."""
     h = hashlib.sha256(pipeline.encode())
@@ -242,6 +247,16 @@ class JobQueue:
         """Keep a finished stage's output on the job (only while this run holds it)."""
         self.conn.execute("UPDATE jobs SET checkpoint = ? WHERE id = ?" + self._mine(),
                           (json.dumps(checkpoint, default=str), job_id, self.run_id))
+
+    def release(self, job_id: int) -> bool:
+        """A running job the node stopped cleanly goes back to the queue with its checkpoint.
+
+        Neither an attempt nor an interruption is counted: the stop was asked for.
+        """
+        n = self.conn.execute(
+            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), started_at = NULL,"
+            " lease_run = NULL, lease_expires = NULL WHERE id = ?" + self._mine(), (job_id, self.run_id)).rowcount
+        return n > 0
 
     def heartbeat(self) -> int:
         """Renew the leases of this run's running jobs; returns how many."""
@@ -352,7 +367,11 @@ class Executor:
     def __init__(self, queue: JobQueue, run: Callable[[Job], dict], workers: int = 1, poll_s: float = 0.5):
         self._queue, self._run, self._workers, self._poll = queue, run, workers, poll_s
         self._stop = threading.Event()
+        #: set when the node stops: a running job checks it between stages and raises :class:`JobInterrupted`
+        self.cancel = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._running: dict[int, int] = {}  # thread ident -> job id
+        self._running_lock = threading.Lock()
 
     def start(self) -> None:
         for i in range(self._workers):
@@ -371,10 +390,30 @@ class Executor:
             except sqlite3.Error:
                 log.exception("job.heartbeat.failed")
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def request_stop(self) -> None:
+        """Claim no more jobs and ask the running ones to stop at their next stage boundary."""
         self._stop.set()
+        self.cancel.set()
+
+    def stop(self, timeout: float = 30.0) -> list[int]:
+        """Stop within ``timeout`` s; returns the ids of jobs still running then, which are put back in the queue.
+
+        A job that does not reach a stage boundary in time is released by force
+        (the process is about to exit; its thread is a daemon), so it is queued,
+        never left ``running``, and the restarted node runs it again.
+        """
+        self.request_stop()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        with self._running_lock:
+            stuck = list(self._running.values())
+        for job_id in stuck:
+            if self._queue.release(job_id):
+                log.warning("job.released", extra=logs.fields(job_id=job_id, reason="node stopping; the job did "
+                                                              "not reach a stage boundary in time", timeout_s=timeout))
+        return stuck
 
     def run_one(self) -> bool:
         """Claim and run one job; False when the queue is empty."""
@@ -382,8 +421,22 @@ class Executor:
         if job is None:
             return False
         log.info("job.started", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, attempt=job.attempts))
+        with self._running_lock:
+            self._running[threading.get_ident()] = job.id
+        try:
+            return self._run_claimed(job)
+        finally:
+            with self._running_lock:
+                self._running.pop(threading.get_ident(), None)
+
+    def _run_claimed(self, job: Job) -> bool:
         try:
             result = self._run(job)
+        except JobInterrupted as exc:
+            self._queue.release(job.id)
+            log.warning("job.interrupted", extra=logs.fields(job_id=job.id, pipeline=job.pipeline,
+                                                            reason=exc.operator_message, state="queued"))
+            return True
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
             partial: dict[str, Any] | None
             if isinstance(exc, NodeError):

@@ -8,6 +8,7 @@ nothing and sends nothing - the node does both (``node.py``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from dicom_node import logs
 from dicom_node.config import NodeSettings, Pipeline
 from dicom_node.workflow import stages
 from dicom_node.workflow.checkpoint import Checkpoints
+from dicom_node.workflow.jobs import JobInterrupted
 from dicom_node.workflow.stages import DerivedObjects, JobError
 
 log = logging.getLogger("dicom_node.workflow.pipeline")
@@ -71,13 +73,23 @@ def pipeline_named(settings: NodeSettings, name: str) -> Pipeline:
     raise JobError(f"pipeline {name!r} is no longer in the configuration; re-add it or delete the job")
 
 
+def _check(cancel: threading.Event | None, job_id: int, before: str) -> None:
+    """The stage boundary: a stopping node ends the job here (it goes back to the queue)."""
+    if cancel is not None and cancel.is_set():
+        raise JobInterrupted(f"job {job_id}: the node is stopping; stopped before {before}, queued again")
+
+
 def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
-                 models: dict[str, Any] | None = None, checkpoints: Checkpoints | None = None) -> JobOutputs:
+                 models: dict[str, Any] | None = None, checkpoints: Checkpoints | None = None,
+                 cancel: threading.Event | None = None) -> JobOutputs:
     """Run one job's stages; returns the derived objects and the result record.
 
     With ``checkpoints``, a registration or fused stack an earlier run of the
     job finished is used instead of being computed again (``result["resumed"]``
     names the stages skipped), and each is saved as soon as it is done.
+    ``cancel`` is checked between stages and between fused slices; when set,
+    :class:`JobInterrupted` is raised, so a SIGTERM costs at most one stage
+    (what was checkpointed is kept for the restart).
     """
     from fusion.backend import resolve_device
     from fusion.environment import crash_point
@@ -101,6 +113,7 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
         registration, clock.seconds["register"] = saved
         resumed.append("register")
     else:
+        _check(cancel, job.job_id, "register")
         crash_point("register")
         with clock.stage("register"):
             registration = stages.register(pair, pipeline, qc_dir, job.job_id)
@@ -115,14 +128,17 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
     if fused is not None:
         resumed.append("fuse")
     else:
+        _check(cancel, job.job_id, "prepare")
         with clock.stage("prepare"):
             prepared = stages.prepare(pair, registration, pipeline)
 
         def progress(done: int, total: int) -> None:
+            _check(cancel, job.job_id, f"fusing slice {done + 1} of {total}")
             log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.job_id, slices_done=done,
                                                                  slices_total=total))
             crash_point("fuse")
 
+        _check(cancel, job.job_id, "fuse")
         with clock.stage("fuse"):
             fused = stages.fuse(prepared, pipeline, device, models, progress)
         if checkpoints:
@@ -139,4 +155,5 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
                   sc_series_uid=str(derived.sc[0].SeriesInstanceUID),
                   reg_sop_instance_uid=str(derived.reg.SOPInstanceUID), instances=len(derived.sc),
                   device=fused.device, version=job.version)
+    _check(cancel, job.job_id, "storing the derived objects")
     return JobOutputs(derived, result)
