@@ -246,7 +246,7 @@ def node_listener(settings: NodeSettings, store: Store) -> Listener:
     from dicom_node.net.query_retrieve import QueryRetrieveService
     from dicom_node.net.storage_scp import StorageService
 
-    services: list[Service] = [StorageService(store)]
+    services: list[Service] = [StorageService(store, settings.limits)]
     if settings.query_retrieve.enabled:
         services.append(QueryRetrieveService(settings, store))
     return Listener(settings, services)

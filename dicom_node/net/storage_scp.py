@@ -46,6 +46,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
+from dicom_node.config import LimitsConfig
 from dicom_node.dicom import validation
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
@@ -100,6 +101,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
 _PROBLEM_STATUS = {
     validation.MISMATCH: statuses.DOES_NOT_MATCH_SOP_CLASS,
     validation.UNDECODABLE: statuses.CANNOT_UNDERSTAND,
+    validation.OVER_LIMIT: statuses.OUT_OF_RESOURCES,
 }
 
 
@@ -149,8 +151,10 @@ class _Counts:
 class StorageService:
     """C-STORE for the listener: every storage SOP class, streamed to the store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: LimitsConfig | None = None) -> None:
         self.store = store
+        #: decoding limits and the decode slots shared by every association (docs/reliability.md)
+        self.gate = validation.DecodeGate(limits or LimitsConfig())
         self._counts: dict[int, _Counts] = {}
         self._lock = threading.Lock()
 
@@ -205,7 +209,7 @@ class StorageService:
             except OSError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "cannot write temporary file",
                                     f"{exc}; check free space under {self.store.root}", sop_uid, calling_ae)
-            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID), sop_uid)
+            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID), sop_uid, self.gate)
             if problem is not None:
                 return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
             try:

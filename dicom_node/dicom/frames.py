@@ -1,0 +1,106 @@
+"""Compressed frame headers read before anything is decoded: what size does a stream claim?
+
+A decoder allocates what the stream's own header says (JPEG SOF, JPEG-LS
+SOF55, JPEG 2000 SIZ), not what the dataset's Rows and Columns say, so a
+1 kB JPEG claiming 16384 x 16384 costs the node a gigabyte before it can
+fail.  These parsers read a few bytes of each frame so the intake check can
+refuse such a stream before the decoder runs, and check the end marker
+that libjpeg and CharLS would otherwise pad over silently when a stream is
+cut short.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+#: JPEG start-of-frame markers (ITU T.81 B.1.1.3) and JPEG-LS SOF55 (T.87 C.2.2)
+_SOF: Final = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+_STANDALONE: Final = frozenset({0x01, *range(0xD0, 0xD8)})
+_EOI: Final = b"\xff\xd9"  # JPEG EOI, JPEG-LS EOI and JPEG 2000 EOC share the code
+
+
+class FrameError(ValueError):
+    """A compressed frame whose header cannot be read, or whose stream is cut short."""
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """What a compressed frame says about itself."""
+
+    rows: int
+    columns: int
+    components: int
+    precision: int
+
+
+def _ends_with_eoi(frame: bytes, what: str) -> None:
+    # frames are padded to an even length with one 0x00 (PS3.5 A.4)
+    tail = frame[:-1] if frame.endswith(b"\x00") else frame
+    if not tail.endswith(_EOI):
+        raise FrameError(f"{what} stream does not end with its end marker (truncated)")
+
+
+def jpeg_header(frame: bytes) -> FrameHeader:
+    """The SOF (or JPEG-LS SOF55) of a JPEG / JPEG-LS frame; checks SOI and EOI."""
+    if not frame.startswith(b"\xff\xd8"):
+        raise FrameError("JPEG stream does not start with SOI")
+    _ends_with_eoi(frame, "JPEG")
+    pos, n = 2, len(frame)
+    while pos + 4 <= n:
+        if frame[pos] != 0xFF:
+            raise FrameError(f"JPEG marker expected at byte {pos}")
+        while pos < n and frame[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            break
+        marker = frame[pos]
+        pos += 1
+        if marker in _STANDALONE:
+            continue
+        if marker in (0xD9, 0xDA):
+            break  # EOI or start of scan before any SOF
+        if pos + 2 > n:
+            break
+        (seg_len,) = struct.unpack(">H", frame[pos:pos + 2])
+        if seg_len < 2:
+            raise FrameError("JPEG segment of length < 2")
+        if marker in _SOF:
+            if pos + 8 > n:
+                break
+            precision, rows, columns, components = struct.unpack(">BHHB", frame[pos + 2:pos + 8])
+            if rows == 0:
+                raise FrameError("JPEG frame header declares 0 lines (DNL streams are not accepted)")
+            return FrameHeader(rows, columns, components, precision)
+        pos += seg_len
+    raise FrameError("JPEG stream has no frame header (SOF) before its scan")
+
+
+def j2k_header(frame: bytes) -> FrameHeader:
+    """The SIZ of a JPEG 2000 codestream (bare or in a JP2 file); checks the EOC marker."""
+    start = 0 if frame.startswith(b"\xff\x4f\xff\x51") else frame.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if start < 0:
+        raise FrameError("JPEG 2000 stream has no SIZ marker after SOC")
+    _ends_with_eoi(frame, "JPEG 2000")
+    siz = frame[start + 4:start + 4 + 38]
+    if len(siz) < 38:
+        raise FrameError("JPEG 2000 SIZ marker is truncated")
+    _lsiz, _rsiz, xsiz, ysiz, xo, yo, _xt, _yt, _xto, _yto, csiz = struct.unpack(">HHIIIIIIIIH", siz)
+    if xsiz <= xo or ysiz <= yo:
+        raise FrameError("JPEG 2000 SIZ declares an empty image")
+    comp = frame[start + 42:start + 43]
+    precision = (comp[0] & 0x7F) + 1 if comp else 0
+    return FrameHeader(ysiz - yo, xsiz - xo, csiz, precision)
+
+
+def rle_header(frame: bytes, segments: int) -> None:
+    """The RLE header (PS3.5 G.5): the segment count the geometry needs, offsets inside the frame."""
+    if len(frame) < 64:
+        raise FrameError("RLE frame shorter than its 64-byte header")
+    header = struct.unpack("<16I", frame[:64])
+    if header[0] != segments:
+        raise FrameError(f"RLE frame has {header[0]} segments, the image geometry needs {segments}")
+    offsets = header[1:1 + segments]
+    if offsets[0] != 64 or any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)) or offsets[-1] >= len(frame):
+        raise FrameError("RLE segment offsets are not increasing inside the frame")
