@@ -33,6 +33,8 @@ class FrameHeader:
     columns: int
     components: int
     precision: int
+    #: the SOF marker (0xC0-0xCF JPEG, 0xF7 JPEG-LS); 0 for JPEG 2000
+    marker: int = 0
 
 
 def _ends_with_eoi(frame: bytes, what: str) -> None:
@@ -72,7 +74,7 @@ def jpeg_header(frame: bytes) -> FrameHeader:
             precision, rows, columns, components = struct.unpack(">BHHB", frame[pos + 2:pos + 8])
             if rows == 0:
                 raise FrameError("JPEG frame header declares 0 lines (DNL streams are not accepted)")
-            return FrameHeader(rows, columns, components, precision)
+            return FrameHeader(rows, columns, components, precision, marker)
         pos += seg_len
     raise FrameError("JPEG stream has no frame header (SOF) before its scan")
 
@@ -91,7 +93,38 @@ def j2k_header(frame: bytes) -> FrameHeader:
         raise FrameError("JPEG 2000 SIZ declares an empty image")
     comp = frame[start + 42:start + 43]
     precision = (comp[0] & 0x7F) + 1 if comp else 0
+    _all_tiles(frame, start, xsiz, ysiz, _xt, _yt, _xto, _yto)
     return FrameHeader(ysiz - yo, xsiz - xo, csiz, precision)
+
+
+def _all_tiles(frame: bytes, soc: int, xsiz: int, ysiz: int, xt: int, yt: int, xto: int, yto: int) -> None:
+    """Every tile the SIZ grid has must be in the stream: OpenJPEG fills missing tiles with zeros silently."""
+    if xt == 0 or yt == 0 or xto > xsiz or yto > ysiz:
+        raise FrameError("JPEG 2000 SIZ declares an impossible tile grid")
+    tiles = -(-(xsiz - xto) // xt) * -(-(ysiz - yto) // yt)
+    if tiles > 65535:
+        raise FrameError(f"JPEG 2000 SIZ declares {tiles} tiles (at most 65535)")
+    seen: set[int] = set()
+    pos, n = soc + 2, len(frame)
+    while pos + 4 <= n:
+        marker, length = struct.unpack(">HH", frame[pos:pos + 4])
+        if marker == 0xFFD9:
+            break
+        if marker == 0xFF90:  # SOT: Lsot, Isot, Psot, TPsot, TNsot
+            if pos + 12 > n:
+                break
+            isot, psot = struct.unpack(">HI", frame[pos + 4:pos + 10])
+            seen.add(isot)
+            if psot == 0:
+                break  # the last tile-part runs to EOC
+            pos += psot
+            continue
+        if marker >> 8 != 0xFF or length < 2:
+            raise FrameError(f"JPEG 2000 marker expected at byte {pos}")
+        pos += 2 + length
+    missing = tiles - len(seen & set(range(tiles)))
+    if missing:
+        raise FrameError(f"JPEG 2000 stream holds {len(seen)} of the {tiles} tiles its SIZ declares")
 
 
 def rle_header(frame: bytes, segments: int) -> None:

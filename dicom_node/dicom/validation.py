@@ -15,13 +15,14 @@ header (``frames``), and only then the decoders, at most
 from __future__ import annotations
 
 import os
+import re
 import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
@@ -67,6 +68,13 @@ _EXPECTED_VR: Final = {
 #: US attributes of the image pixel module: exactly one 2-byte value (a lying length is caught here)
 _US_ONE: Final = (0x00280002, 0x00280006, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280102, 0x00280103)
 _BITS_ALLOCATED: Final = frozenset({1, 8, 16, 32})
+#: the characters each string VR of :data:`_EXPECTED_VR` allows (PS3.5 6.2), padding included
+_STRING_FORM: Final = {
+    "UI": re.compile(rb"[0-9.]*\x00?"),
+    "IS": re.compile(rb"[ 0-9+\-\\]*"),
+    "DS": re.compile(rb"[ 0-9+\-.eE\\]*"),
+    "CS": re.compile(rb"[ A-Z0-9_\\]*"),
+}
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,7 @@ def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate) -
         start, meta = dataset_start(fp, size)
         tsyntax = _transfer_syntax(meta)
         layout = walk(fp, start, size, little=tsyntax.is_little_endian, implicit=tsyntax.is_implicit_VR)
-    _check_vrs(layout)
+        _check_vrs(layout, fp)
     # large values (a hostile private OB before the pixels) stay on disk: deferred, never read
     ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 16)
     values = {kw: ds.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
@@ -222,14 +230,22 @@ def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate) -
     return None
 
 
-def _check_vrs(layout: Layout) -> None:
+def _check_vrs(layout: Layout, fp: BinaryIO) -> None:
+    """The attributes the node reads have their PS3.6 VR; in implicit VR, values of that VR's form."""
     for tag, want in _EXPECTED_VR.items():
         el = layout.elements.get(tag)
         if el is None:
             continue
+        name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
         if el.vr is not None and el.vr != want:
-            raise _Refused(MISMATCH, "attribute with the wrong VR",
-                           f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is {el.vr}, PS3.6 says {want}")
+            raise _Refused(MISMATCH, "attribute with the wrong VR", f"{name} is {el.vr}, PS3.6 says {want}")
+        if el.length == UNDEFINED or (want in _STRING_FORM and el.length > 1024):
+            raise _Refused(MISMATCH, "attribute with the wrong VR", f"{name} has a length no {want} value has")
+        form = _STRING_FORM.get(want)
+        if form is not None:
+            fp.seek(el.value_offset)
+            if not form.fullmatch(fp.read(el.length)):
+                raise _Refused(MISMATCH, "attribute with the wrong VR", f"{name} is not a valid {want} value")
     for tag in _US_ONE:
         el = layout.elements.get(tag)
         if el is not None and el.length != 2:
@@ -329,6 +345,27 @@ def _check_frame(frame: bytes, tsyntax: UID, g: _Geometry) -> None:
         raise fr.FrameError(f"the stream has {header.components} components, SamplesPerPixel is {g.samples}")
     if not 0 < header.precision <= g.bits:
         raise fr.FrameError(f"the stream's precision is {header.precision} bits, BitsAllocated is {g.bits}")
+    least = _least_stream_bytes(header)
+    if len(frame) < least:
+        raise fr.FrameError(f"{len(frame)} bytes cannot hold {header.rows} x {header.columns} x {header.components} "
+                            f"samples (at least {least}); the decoder would pad the rest")
+
+
+def _least_stream_bytes(h: fr.FrameHeader) -> int:
+    """The fewest bytes an encoder can spend on this frame; fewer means a padded, not a decoded, image.
+
+    Each 8 x 8 block of a DCT process costs at least two Huffman codes of one
+    bit (DC difference and end of block); each sample of lossless JPEG at
+    least one bit; a JPEG-LS line in run mode at least one bit per component.
+    JPEG 2000 is checked by its tile list instead (``frames.j2k_header``).
+    """
+    if h.marker in (0xC3, 0xC7, 0xCB, 0xCF):  # lossless processes
+        return h.rows * h.columns * h.components // 8
+    if h.marker == 0xF7:  # JPEG-LS
+        return h.rows * h.components // 8
+    if h.marker:  # DCT processes
+        return -(-h.rows // 8) * -(-h.columns // 8) * h.components // 4
+    return 0
 
 
 def _decode_all(path: Path, g: _Geometry) -> None:

@@ -48,6 +48,7 @@ from pynetdicom.dsutils import split_dataset
 
 from dicom_node.config import LimitsConfig
 from dicom_node.dicom import validation
+from dicom_node.dicom.uids import UID_PATTERN
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
 from dicom_node.net import statuses
@@ -141,6 +142,18 @@ def write_part10(event: evt.Event, dest: Path, calling_ae: str) -> None:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
+def _loggable_uid(value: object) -> str:
+    """The command's SOP Instance UID for the log, or a placeholder: a hostile sender can put anything there.
+
+    Only a well-formed UID is written as it came; anything else (a patient ID,
+    a path, bytes) is described by its length, so the log never carries it.
+    """
+    text = str(value or "").strip().rstrip("\x00")
+    if 0 < len(text) <= 64 and UID_PATTERN.match(text):
+        return text
+    return f"<invalid UID, {len(text)} characters>"
+
+
 class _Counts:
     __slots__ = ("stored", "duplicates", "rejected")
 
@@ -182,7 +195,7 @@ class StorageService:
 
     def on_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
-        sop_uid = str(_c_store(event).AffectedSOPInstanceUID)
+        sop_uid = _loggable_uid(_c_store(event).AffectedSOPInstanceUID)
         counts = self._counts_for(event.assoc)
         try:
             status = self._store(event, calling_ae, sop_uid, counts)
@@ -209,7 +222,8 @@ class StorageService:
             except OSError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "cannot write temporary file",
                                     f"{exc}; check free space under {self.store.root}", sop_uid, calling_ae)
-            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID), sop_uid, self.gate)
+            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID),
+                                                  str(_c_store(event).AffectedSOPInstanceUID), self.gate)
             if problem is not None:
                 return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
             try:
