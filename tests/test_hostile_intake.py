@@ -228,6 +228,8 @@ def check_no_file_outside_root(run):
         assert path.resolve().is_relative_to(node.root.resolve()), path
     for path in instances.rglob("*.dcm"):
         assert ".." not in path.relative_to(instances).parts
+    leftovers = [p for p in node.root.rglob("*") if p.is_file() and "tmp" in p.relative_to(node.root).parts]
+    assert not leftovers, leftovers[:5]  # no received or inflated copy is left behind by a refusal
 
 
 def _leaks(run, *, own: bool) -> list[str]:

@@ -161,7 +161,11 @@ def _body(path: Path, limits: LimitsConfig) -> tuple[Path, Path | None]:
     if not tsyntax.is_deflated:
         return path, None
     dest = path.with_name(path.name + ".inflated")
-    _inflate(path, start, dest, limits.max_inflated_bytes)
+    try:
+        _inflate(path, start, dest, limits.max_inflated_bytes)
+    except BaseException:
+        dest.unlink(missing_ok=True)  # a refused bomb leaves no partial copy in the store's tmp folder
+        raise
     return dest, dest
 
 
