@@ -5,7 +5,7 @@
 For each worst case a fresh ``fusion-node serve`` process (default ``[limits]``)
 receives N copies over N concurrent associations; its peak RSS (VmHWM in
 /proc) is compared with its idle RSS and with the documented bound
-``idle + decode_concurrency x 3 x max_frame_bytes``.  The worst cases are
+``idle + decode_concurrency x 4 x max_frame_bytes``.  The worst cases are
 decode bombs (frame headers claiming far more than the stream holds),
 frames exactly at ``limits.max_frame_pixels`` that really decode, and a
 deflate bomb.  Prints a Markdown table; ``--out`` appends it to that file.
@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {r['statuses']} peak {r['peak_mib']:.0f} MiB idle {r['idle_mib']:.0f} MiB "
                   f"{r['seconds']:.1f} s", flush=True)
     idle = min(r["idle_mib"] for r in rows)
-    bound = idle + limits.decode_concurrency * 3 * limits.max_frame_bytes / MiB
+    bound = idle + limits.decode_concurrency * 4 * limits.max_frame_bytes / MiB
     lines = [
         f"N = {args.n} concurrent associations, each sending one object; default `[limits]` "
         f"(decode_concurrency = {limits.decode_concurrency}, max_frame_bytes = {limits.max_frame_bytes // MiB} MiB; "
         f"the deflate bomb with max_inflated_bytes = 256 MiB, which does not change memory: it inflates to disk). "
-        f"Documented bound: idle RSS + decode_concurrency × 3 × max_frame_bytes = {bound:.0f} MiB.",
+        f"Documented bound: idle RSS + decode_concurrency × 4 × max_frame_bytes = {bound:.0f} MiB.",
         "",
         "| worst case (×N) | object size | statuses | node idle RSS | node peak RSS | peak / bound | wall |",
         "|---|---|---|---|---|---|---|",

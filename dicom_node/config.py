@@ -395,7 +395,7 @@ class LimitsConfig(_Model):
     The defaults hold every CT, MR, PET and NM image (512-1024 pixels square,
     multi-frame series up to the instance limit) and screen captures up to
     4096 x 4096; the node's peak memory is bounded by about
-    ``decode_concurrency x 3 x max_frame_bytes`` above its idle size
+    ``decode_concurrency x 4 x max_frame_bytes`` above its idle size
     (docs/reliability.md, "Intake: hostile input and memory").
     """
 
@@ -639,7 +639,7 @@ max_instance_bytes = 1073741824
 # Largest dataset after inflating Deflated Explicit VR Little Endian (1 GiB, inflated to disk).
 max_inflated_bytes = 1073741824
 # Pixel decodes at once over all associations; peak memory grows by about
-# decode_concurrency x 3 x max_frame_bytes (docs/reliability.md).
+# decode_concurrency x 4 x max_frame_bytes (docs/reliability.md).
 decode_concurrency = 2
 # Seconds a C-STORE waits for a decode slot before it is refused with 0xA700.
 decode_wait_s = 30

@@ -67,30 +67,35 @@ def test_the_gate_lets_decode_concurrency_decodes_run_at_once():
     gate = DecodeGate(LimitsConfig(decode_concurrency=2, decode_wait_s=5))
     running, peak, lock = 0, 0, threading.Lock()
 
-    def work():
-        nonlocal running, peak
-        with gate.slot():
-            with lock:
-                running += 1
-                peak = max(peak, running)
-            time.sleep(0.05)
-            with lock:
-                running -= 1
+    names = set()
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
+    def decode():
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            names.add(threading.current_thread().name)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+
+    threads = [threading.Thread(target=gate.run, args=(decode,)) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert peak == 2
-
+    assert len(names) == 2  # the same two decode threads, whichever association asked
 
 def test_a_busy_gate_refuses_with_over_limit_after_the_wait():
     gate = DecodeGate(LimitsConfig(decode_concurrency=1, decode_wait_s=0.1))
-    with gate.slot():
-        with pytest.raises(Exception) as info:
-            with gate.slot():
-                pass
+    started = threading.Event()
+    busy = threading.Thread(target=gate.run, args=(lambda: (started.set(), time.sleep(1.0)),))
+    busy.start()
+    started.wait(5)
+    with pytest.raises(Exception) as info:
+        gate.run(lambda: None)
+    busy.join()
     assert info.value.problem.kind == OVER_LIMIT  # type: ignore[attr-defined]
 
 
@@ -115,12 +120,12 @@ def test_frame_headers_are_read_from_the_streams(tmp_path):
     by_key = {sx.key: sx for sx in make_syntaxes(tmp_path)}
     for key in ("jpeg-baseline", "jpeg-lossless", "jpeg-ls"):
         frame = next(generate_frames(by_key[key].ds.PixelData, number_of_frames=1))
-        h = frames.jpeg_header(frame)
+        h = frames.jpeg_header(frames.Stream(frame))
         assert (h.rows, h.columns, h.components) == (64, 64, 1), key
         with pytest.raises(frames.FrameError, match="end marker"):
-            frames.jpeg_header(frame[: len(frame) // 3])
+            frames.jpeg_header(frames.Stream(frame[: len(frame) // 3]))
     frame = next(generate_frames(by_key["j2k-lossless"].ds.PixelData, number_of_frames=1))
-    h = frames.j2k_header(frame)
+    h = frames.j2k_header(frames.Stream(frame))
     assert (h.rows, h.columns, h.components) == (64, 64, 1)
     with pytest.raises(frames.FrameError):
-        frames.j2k_header(frame[: len(frame) // 2])
+        frames.j2k_header(frames.Stream(frame[: len(frame) // 2]))

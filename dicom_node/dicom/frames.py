@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import BinaryIO, Final
 
 #: JPEG start-of-frame markers (ITU T.81 B.1.1.3) and JPEG-LS SOF55 (T.87 C.2.2)
 _SOF: Final = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
@@ -23,6 +23,45 @@ _EOI: Final = b"\xff\xd9"  # JPEG EOI, JPEG-LS EOI and JPEG 2000 EOC share the c
 
 class FrameError(ValueError):
     """A compressed frame whose header cannot be read, or whose stream is cut short."""
+
+
+class Stream:
+    """A frame read piece by piece: its length, and bytes at an offset (a frame is never read whole here)."""
+
+    def __init__(self, data: bytes | None = None) -> None:
+        self._data = data or b""
+        self.length = len(self._data)
+
+    def read(self, pos: int, n: int) -> bytes:
+        return self._data[pos:pos + n]
+
+
+class FileStream(Stream):
+    """A frame made of Pixel Data fragments in a file, read at offsets, never loaded whole."""
+
+    def __init__(self, fp: BinaryIO, fragments: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.fp, self.fragments = fp, fragments
+        self.length = sum(n for _, n in fragments)
+
+    def read(self, pos: int, n: int) -> bytes:
+        out, base = [], 0
+        for offset, length in self.fragments:
+            if n <= 0:
+                break
+            if pos < base + length:
+                start = max(pos - base, 0)
+                take = min(length - start, n)
+                self.fp.seek(offset + start)
+                out.append(self.fp.read(take))
+                n -= take
+                pos += take
+            base += length
+        return b"".join(out)
+
+
+#: how much of a frame's start the JPEG parsers look at for the SOF (tables come before it)
+HEAD_BYTES: Final = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -37,18 +76,20 @@ class FrameHeader:
     marker: int = 0
 
 
-def _ends_with_eoi(frame: bytes, what: str) -> None:
+def _ends_with_eoi(stream: Stream, what: str) -> None:
     # frames are padded to an even length with one 0x00 (PS3.5 A.4)
-    tail = frame[:-1] if frame.endswith(b"\x00") else frame
+    tail = stream.read(max(stream.length - 3, 0), 3)
+    tail = tail[:-1] if tail.endswith(b"\x00") else tail
     if not tail.endswith(_EOI):
         raise FrameError(f"{what} stream does not end with its end marker (truncated)")
 
 
-def jpeg_header(frame: bytes) -> FrameHeader:
+def jpeg_header(stream: Stream) -> FrameHeader:
     """The SOF (or JPEG-LS SOF55) of a JPEG / JPEG-LS frame; checks SOI and EOI."""
+    frame = stream.read(0, HEAD_BYTES)
     if not frame.startswith(b"\xff\xd8"):
         raise FrameError("JPEG stream does not start with SOI")
-    _ends_with_eoi(frame, "JPEG")
+    _ends_with_eoi(stream, "JPEG")
     pos, n = 2, len(frame)
     while pos + 4 <= n:
         if frame[pos] != 0xFF:
@@ -79,12 +120,13 @@ def jpeg_header(frame: bytes) -> FrameHeader:
     raise FrameError("JPEG stream has no frame header (SOF) before its scan")
 
 
-def j2k_header(frame: bytes) -> FrameHeader:
-    """The SIZ of a JPEG 2000 codestream (bare or in a JP2 file); checks the EOC marker."""
+def j2k_header(stream: Stream) -> FrameHeader:
+    """The SIZ of a JPEG 2000 codestream (bare or in a JP2 file); checks the EOC marker and the tiles."""
+    frame = stream.read(0, 4096 + 64)
     start = 0 if frame.startswith(b"\xff\x4f\xff\x51") else frame.find(b"\xff\x4f\xff\x51", 0, 4096)
     if start < 0:
         raise FrameError("JPEG 2000 stream has no SIZ marker after SOC")
-    _ends_with_eoi(frame, "JPEG 2000")
+    _ends_with_eoi(stream, "JPEG 2000")
     siz = frame[start + 4:start + 4 + 38]
     if len(siz) < 38:
         raise FrameError("JPEG 2000 SIZ marker is truncated")
@@ -93,11 +135,11 @@ def j2k_header(frame: bytes) -> FrameHeader:
         raise FrameError("JPEG 2000 SIZ declares an empty image")
     comp = frame[start + 42:start + 43]
     precision = (comp[0] & 0x7F) + 1 if comp else 0
-    _all_tiles(frame, start, xsiz, ysiz, _xt, _yt, _xto, _yto)
+    _all_tiles(stream, start, xsiz, ysiz, _xt, _yt, _xto, _yto)
     return FrameHeader(ysiz - yo, xsiz - xo, csiz, precision)
 
 
-def _all_tiles(frame: bytes, soc: int, xsiz: int, ysiz: int, xt: int, yt: int, xto: int, yto: int) -> None:
+def _all_tiles(stream: Stream, soc: int, xsiz: int, ysiz: int, xt: int, yt: int, xto: int, yto: int) -> None:
     """Every tile the SIZ grid has must be in the stream: OpenJPEG fills missing tiles with zeros silently."""
     if xt == 0 or yt == 0 or xto > xsiz or yto > ysiz:
         raise FrameError("JPEG 2000 SIZ declares an impossible tile grid")
@@ -105,15 +147,15 @@ def _all_tiles(frame: bytes, soc: int, xsiz: int, ysiz: int, xt: int, yt: int, x
     if tiles > 65535:
         raise FrameError(f"JPEG 2000 SIZ declares {tiles} tiles (at most 65535)")
     seen: set[int] = set()
-    pos, n = soc + 2, len(frame)
+    pos, n = soc + 2, stream.length
     while pos + 4 <= n:
-        marker, length = struct.unpack(">HH", frame[pos:pos + 4])
+        marker, length = struct.unpack(">HH", stream.read(pos, 4))
         if marker == 0xFFD9:
             break
         if marker == 0xFF90:  # SOT: Lsot, Isot, Psot, TPsot, TNsot
             if pos + 12 > n:
                 break
-            isot, psot = struct.unpack(">HI", frame[pos + 4:pos + 10])
+            isot, psot = struct.unpack(">HI", stream.read(pos + 4, 6))
             seen.add(isot)
             if psot == 0:
                 break  # the last tile-part runs to EOC
@@ -127,13 +169,13 @@ def _all_tiles(frame: bytes, soc: int, xsiz: int, ysiz: int, xt: int, yt: int, x
         raise FrameError(f"JPEG 2000 stream holds {len(seen)} of the {tiles} tiles its SIZ declares")
 
 
-def rle_header(frame: bytes, segments: int) -> None:
+def rle_header(stream: Stream, segments: int) -> None:
     """The RLE header (PS3.5 G.5): the segment count the geometry needs, offsets inside the frame."""
-    if len(frame) < 64:
+    if stream.length < 64:
         raise FrameError("RLE frame shorter than its 64-byte header")
-    header = struct.unpack("<16I", frame[:64])
+    header = struct.unpack("<16I", stream.read(0, 64))
     if header[0] != segments:
         raise FrameError(f"RLE frame has {header[0]} segments, the image geometry needs {segments}")
     offsets = header[1:1 + segments]
-    if offsets[0] != 64 or any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)) or offsets[-1] >= len(frame):
+    if offsets[0] != 64 or any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)) or offsets[-1] >= stream.length:
         raise FrameError("RLE segment offsets are not increasing inside the frame")

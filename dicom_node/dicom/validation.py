@@ -18,11 +18,11 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Literal
+from typing import Any, BinaryIO, Final, Literal, TypeVar
 
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
@@ -53,6 +53,7 @@ UNDECODABLE: Final = "undecodable"
 OVER_LIMIT: Final = "over-limit"
 
 ProblemKind = Literal["mismatch", "undecodable", "over-limit"]
+T = TypeVar("T")
 
 #: storage SOP classes without pixel data; every other accepted class must carry Pixel Data
 NON_IMAGE_SOP_CLASSES: Final = frozenset({SpatialRegistrationStorage})
@@ -93,26 +94,31 @@ class _Refused(Exception):
 
 
 class DecodeGate:
-    """At most ``limits.decode_concurrency`` pixel decodes at once, over all associations.
+    """At most ``limits.decode_concurrency`` pixel decodes at once, over all associations, on their own threads.
 
     Each association has its own thread; without a gate ``max_associations``
-    worst-case decodes would run together.  With it, the node's peak memory
-    is its idle size plus about ``decode_concurrency`` times the largest
-    decode the limits allow, whatever the senders do.
+    worst-case decodes would run together.  The decodes also run on a pool of
+    ``decode_concurrency`` threads rather than on the association threads:
+    the C allocator keeps what a thread freed in that thread's arena, so ten
+    association threads that each decoded one large frame in turn would hold
+    ten frames' worth of memory; on a fixed pool the same memory is reused.
+    The node's peak memory is then its idle size plus about
+    ``decode_concurrency`` times the largest decode the limits allow.
     """
 
     def __init__(self, limits: LimitsConfig) -> None:
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.decode_concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=limits.decode_concurrency, thread_name_prefix="decode")
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a decode thread, once a slot is free (0xA700 after ``limits.decode_wait_s``)."""
         if not self._slots.acquire(timeout=self.limits.decode_wait_s):
             raise _Refused(OVER_LIMIT, "no decode slot free",
                            f"limits.decode_concurrency = {self.limits.decode_concurrency} decodes were busy for "
                            f"limits.decode_wait_s = {self.limits.decode_wait_s} s")
         try:
-            yield
+            return self._pool.submit(fn, *args).result()
         finally:
             self._slots.release()
 
@@ -221,7 +227,7 @@ def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate) -
     if tsyntax.is_encapsulated:
         if pixel.length != UNDEFINED:
             return Problem(UNDECODABLE, "pixel data undecodable", "encapsulated Pixel Data of defined length")
-        _check_frame_headers(path, pixel.value_offset, layout, tsyntax, geometry)
+        _check_frame_headers(path, pixel.value_offset, layout, tsyntax, geometry, gate)
     else:
         if pixel.length == UNDEFINED:
             return Problem(UNDECODABLE, "pixel data undecodable", "native pixel data with undefined length")
@@ -229,8 +235,7 @@ def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate) -
         if pixel.length not in (expected, expected + (expected & 1)):
             return Problem(UNDECODABLE, "pixel data undecodable",
                            f"pixel data has {pixel.length} bytes, the image geometry needs {expected}")
-    with gate.slot():
-        _decode_all(path, geometry)
+    gate.run(_decode_all, path, geometry)
     return None
 
 
@@ -310,29 +315,70 @@ def _geometry(ds: Any, limits: LimitsConfig) -> _Geometry:
     return _Geometry(rows, columns, samples, bits, frames, native)
 
 
-def _check_frame_headers(path: Path, value_offset: int, layout: Layout, tsyntax: UID, g: _Geometry) -> None:
-    """Each compressed frame's own header against the geometry, before any decoder allocates."""
-    if not layout.fragments:
+def _check_frame_headers(path: Path, value_offset: int, layout: Layout, tsyntax: UID, g: _Geometry,
+                         gate: DecodeGate) -> None:
+    """Each compressed frame's own header against the geometry, before any decoder allocates.
+
+    Frames are read at offsets (a few kilobytes each), never whole, so this
+    step costs no memory whatever the stream claims.
+    """
+    frags = layout.fragments
+    if not frags:
         raise _Refused(UNDECODABLE, "pixel data undecodable", "encapsulated Pixel Data without fragments")
-    if len(layout.fragments) < g.frames:
-        raise _Refused(UNDECODABLE, "pixel data undecodable",
-                       f"{len(layout.fragments)} fragments for NumberOfFrames = {g.frames}")
-    count = 0
+    if len(frags) < g.frames:
+        raise _Refused(UNDECODABLE, "pixel data undecodable", f"{len(frags)} fragments for NumberOfFrames = {g.frames}")
+    with open(path, "rb") as fp:
+        groups = _frame_fragments(fp, layout, g.frames)
+        if groups is None:
+            # several fragments a frame and no offset table: only the markers tell the frames apart (pydicom reads
+            # them whole), so this rare layout is checked under a decode slot
+            gate.run(_check_whole_frames, path, value_offset, tsyntax, g)
+            return
+        _check_streams([fr.FileStream(fp, grp) for grp in groups], tsyntax, g)
+
+
+def _check_whole_frames(path: Path, value_offset: int, tsyntax: UID, g: _Geometry) -> None:
     with open(path, "rb") as fp:
         fp.seek(value_offset)
-        for frame in generate_frames(fp, number_of_frames=g.frames):
-            count += 1
-            if count > g.frames:
-                break
-            try:
-                _check_frame(frame, tsyntax, g)
-            except fr.FrameError as exc:
-                raise _Refused(UNDECODABLE, "pixel data undecodable", f"frame {count}: {exc}") from None
-    if count != g.frames:
-        raise _Refused(UNDECODABLE, "pixel data undecodable", f"{count} frames found, NumberOfFrames = {g.frames}")
+        _check_streams([fr.Stream(f) for f in generate_frames(fp, number_of_frames=g.frames)], tsyntax, g)
 
 
-def _check_frame(frame: bytes, tsyntax: UID, g: _Geometry) -> None:
+def _frame_fragments(fp: BinaryIO, layout: Layout, frames: int) -> list[list[tuple[int, int]]] | None:
+    """The fragments of each frame: PS3.5 A.4 one frame = all fragments, one fragment each, or the offset table."""
+    frags = layout.fragments
+    if frames == 1:
+        return [frags]
+    if frames == len(frags):
+        return [[f] for f in frags]
+    bot = layout.offset_table
+    if bot is None or bot[1] != 4 * frames:
+        return None
+    fp.seek(bot[0])
+    offsets = [int.from_bytes(fp.read(4), "little") for _ in range(frames)]
+    first_item = frags[0][0] - 8
+    starts = [off - 8 - first_item for off, _ in frags]  # each fragment's item, relative to the first
+    if offsets[0] != 0 or any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
+        raise _Refused(UNDECODABLE, "pixel data undecodable", "Basic Offset Table offsets are not increasing from 0")
+    groups: list[list[tuple[int, int]]] = [[] for _ in range(frames)]
+    for frag, start in zip(frags, starts, strict=True):
+        index = sum(1 for o in offsets if o <= start) - 1
+        groups[index].append(frag)
+    if any(not grp for grp in groups) or any(o not in starts for o in offsets):
+        raise _Refused(UNDECODABLE, "pixel data undecodable", "Basic Offset Table does not point at fragments")
+    return groups
+
+
+def _check_streams(streams: list[fr.Stream], tsyntax: UID, g: _Geometry) -> None:
+    if len(streams) != g.frames:
+        raise _Refused(UNDECODABLE, "pixel data undecodable", f"{len(streams)} frames found, NumberOfFrames = {g.frames}")
+    for i, stream in enumerate(streams, 1):
+        try:
+            _check_frame(stream, tsyntax, g)
+        except fr.FrameError as exc:
+            raise _Refused(UNDECODABLE, "pixel data undecodable", f"frame {i}: {exc}") from None
+
+
+def _check_frame(frame: fr.Stream, tsyntax: UID, g: _Geometry) -> None:
     if tsyntax == RLELossless:
         fr.rle_header(frame, g.samples * (g.bits // 8 or 1))
         return
@@ -350,8 +396,8 @@ def _check_frame(frame: bytes, tsyntax: UID, g: _Geometry) -> None:
     if not 0 < header.precision <= g.bits:
         raise fr.FrameError(f"the stream's precision is {header.precision} bits, BitsAllocated is {g.bits}")
     least = _least_stream_bytes(header)
-    if len(frame) < least:
-        raise fr.FrameError(f"{len(frame)} bytes cannot hold {header.rows} x {header.columns} x {header.components} "
+    if frame.length < least:
+        raise fr.FrameError(f"{frame.length} bytes cannot hold {header.rows} x {header.columns} x {header.components} "
                             f"samples (at least {least}); the decoder would pad the rest")
 
 
