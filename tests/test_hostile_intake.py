@@ -50,7 +50,7 @@ class NodeProcess:
         self.log_path = workdir / "node.log"
         cfg = workdir / "node.toml"
         lim = "\n".join(f"{k} = {v}" for k, v in {**TEST_LIMITS, **limits}.items())
-        cfg.write_text(f'[node]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = 0\nnetwork_timeout_s = 30\n'
+        cfg.write_text(f'[node]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = 0\nnetwork_timeout_s = 120\n'
                        f'[storage]\nroot = "{self.root}"\n[limits]\n{lim}\n')
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "--log-level", "INFO", "serve",
@@ -84,7 +84,7 @@ class NodeProcess:
 
 def _associate(port: int, syntaxes: list[str]):
     ae = AE(ae_title=SCU_AE)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 300  # a 4096² CharLS decode on a busy machine
     for ts in syntaxes:
         ae.add_requested_context(CTImageStorage, ts)
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
@@ -197,7 +197,7 @@ def check_alive_and_good_after_bad(run):
     assert all(o.good_status == SUCCESS for o in outcomes), \
         [o.case.name for o in outcomes if o.good_status != SUCCESS][:20]
     slowest = max(outcomes, key=lambda o: o.seconds)
-    assert slowest.seconds < 30, f"{slowest.case.name} took {slowest.seconds:.1f} s"
+    assert slowest.seconds < 120, f"{slowest.case.name} took {slowest.seconds:.1f} s"  # a hang, not a slow decode
     store = Store(run["node"].root, run["node"].root / "node.sqlite")
     assert store.counts().instances >= len(outcomes)  # every good one, plus the bad cases answered 0x0000
 
