@@ -96,7 +96,7 @@ def test_a_busy_gate_refuses_with_over_limit_after_the_wait():
     with pytest.raises(Exception) as info:
         gate.run(lambda: None)
     busy.join()
-    assert info.value.problem.kind == OVER_LIMIT  # type: ignore[attr-defined]
+    assert info.value.problem.kind == OVER_LIMIT  # type: ignore[attr-defined] - the private refusal type carries the problem
 
 
 def test_a_deflate_bomb_stops_at_the_limit_and_leaves_nothing(tmp_path):
