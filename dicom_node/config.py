@@ -438,6 +438,30 @@ class RetentionConfig(_Model):
         return self
 
 
+class LimitsConfig(_Model):
+    """Decoding limits at intake (dicom_node/dicom/validation.py): larger instances are refused with 0xA700.
+
+    The defaults hold every CT, MR, PET and NM image (512-1024 pixels square,
+    multi-frame series up to the instance limit) and screen captures up to
+    4096 x 4096; the node's peak memory is bounded by about
+    ``decode_concurrency x 4 x max_frame_bytes`` above its idle size
+    (docs/reliability.md, "Intake: hostile input and memory").
+    """
+
+    #: largest frame accepted, in pixels (Rows x Columns); the frame header of a compressed stream is checked too
+    max_frame_pixels: int = Field(4096 * 4096, ge=1)
+    #: largest decoded frame in bytes (Rows x Columns x SamplesPerPixel x BitsAllocated / 8)
+    max_frame_bytes: int = Field(64 << 20, ge=1)
+    #: largest received instance (the file as sent) in bytes
+    max_instance_bytes: int = Field(1 << 30, ge=1)
+    #: largest dataset after inflating a Deflated transfer syntax, in bytes (inflated to disk, never to memory)
+    max_inflated_bytes: int = Field(1 << 30, ge=1)
+    #: pixel-data decodes running at once over all associations (each frame of each instance is decoded at intake)
+    decode_concurrency: int = Field(2, ge=1)
+    #: seconds a C-STORE waits for a free decode slot before it is refused with 0xA700 (the sender retries)
+    decode_wait_s: float = Field(30.0, gt=0)
+
+
 class NodeSettings(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
@@ -451,6 +475,8 @@ class NodeSettings(_Model):
     retention: RetentionConfig = RetentionConfig()
     #: level of the node's JSON log (DEBUG, INFO, WARNING, ERROR); unset = ``--log-level``; SIGHUP applies a change
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+    #: decoding limits applied to every received instance
+    limits: LimitsConfig = LimitsConfig()
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -687,6 +713,23 @@ move_destinations = []
 # presentation contexts are rejected.
 allowed_callers = []
 allowed_addresses = []
+
+# Decoding limits at intake: every received instance is decoded (all frames) before
+# it is acknowledged; larger ones are refused with 0xA700 and the reason in the log.
+[limits]
+# Largest frame in pixels (Rows x Columns), 4096 x 4096; compressed frame headers are checked too.
+max_frame_pixels = 16777216
+# Largest decoded frame in bytes (64 MiB).
+max_frame_bytes = 67108864
+# Largest received instance in bytes (1 GiB).
+max_instance_bytes = 1073741824
+# Largest dataset after inflating Deflated Explicit VR Little Endian (1 GiB, inflated to disk).
+max_inflated_bytes = 1073741824
+# Pixel decodes at once over all associations; peak memory grows by about
+# decode_concurrency x 4 x max_frame_bytes (docs/reliability.md).
+decode_concurrency = 2
+# Seconds a C-STORE waits for a decode slot before it is refused with 0xA700.
+decode_wait_s = 30
 
 # Where fused series go. Add one block per PACS or workstation.
 # kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).

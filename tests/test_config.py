@@ -113,6 +113,7 @@ def test_example_config_shows_every_default_and_only_defaults():
         assert value == default, f"{key} = {value!r} in the example, but the default is {default!r}"
     for section, model in [("node", C.NodeConfig), ("storage", C.StorageConfig), ("settle", C.SettleConfig),
                            ("outbox", C.OutboxConfig), ("query_retrieve", C.QueryRetrieveConfig), ("retention", C.RetentionConfig),
+                           ("limits", C.LimitsConfig),
                            ("pipelines.0", C.Pipeline), ("pipelines.0.registration", C.RegistrationConfig),
                            ("pipelines.0.registration.quality", C.QualityConfig), ("node.tls", C.NodeTLS)]:
         documented = {k[len(section) + 1:].split(".")[0] for k in shown if k.startswith(section + ".")}

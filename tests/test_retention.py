@@ -231,7 +231,7 @@ def test_below_the_reserve_c_store_is_refused_with_out_of_resources(tmp_path):
         store = Store(cfg.storage.root, cfg.storage.database_path)
         scp = RunningSCP.__new__(RunningSCP)
         scp.cfg, scp.store = cfg, store
-        scp.listener = Listener(cfg, [StorageService(store, DiskGuard(cfg.storage.root, cfg.retention))]).start()
+        scp.listener = Listener(cfg, [StorageService(store, cfg.limits, DiskGuard(cfg.storage.root, cfg.retention))]).start()
         try:
             ae = AE(ae_title="SCANNER")
             ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")

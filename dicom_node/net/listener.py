@@ -304,7 +304,8 @@ def node_listener(settings: NodeSettings, store: Store) -> Listener:
     from dicom_node.net.query_retrieve import QueryRetrieveService
     from dicom_node.net.storage_scp import StorageService
 
-    services: list[Service] = [StorageService(store, DiskGuard(settings.storage.root, settings.retention))]
+    services: list[Service] = [StorageService(store, settings.limits,
+                                              DiskGuard(settings.storage.root, settings.retention))]
     if settings.query_retrieve.enabled:
         services.append(QueryRetrieveService(settings, store))
     return Listener(settings, services)

@@ -47,7 +47,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
 from dicom_node import audit
+from dicom_node.config import LimitsConfig
 from dicom_node.dicom import validation
+from dicom_node.dicom.uids import UID_PATTERN
 from dicom_node.index.disk import DiskGuard
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
@@ -103,6 +105,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
 _PROBLEM_STATUS = {
     validation.MISMATCH: statuses.DOES_NOT_MATCH_SOP_CLASS,
     validation.UNDECODABLE: statuses.CANNOT_UNDERSTAND,
+    validation.OVER_LIMIT: statuses.OUT_OF_RESOURCES,
 }
 
 
@@ -142,6 +145,18 @@ def write_part10(event: evt.Event, dest: Path, calling_ae: str) -> None:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
+def _loggable_uid(value: object) -> str:
+    """The command's SOP Instance UID for the log, or a placeholder: a hostile sender can put anything there.
+
+    Only a well-formed UID is written as it came; anything else (a patient ID,
+    a path, bytes) is described by its length, so the log never carries it.
+    """
+    text = str(value or "").strip().rstrip("\x00")
+    if 0 < len(text) <= 64 and UID_PATTERN.match(text):
+        return text
+    return f"<invalid UID, {len(text)} characters>"
+
+
 class _Counts:
     __slots__ = ("stored", "duplicates", "rejected", "studies")
 
@@ -154,8 +169,10 @@ class _Counts:
 class StorageService:
     """C-STORE for the listener: every storage SOP class, streamed to the store."""
 
-    def __init__(self, store: Store, disk: DiskGuard | None = None) -> None:
+    def __init__(self, store: Store, limits: LimitsConfig | None = None, disk: DiskGuard | None = None) -> None:
         self.store = store
+        #: decoding limits and the decode slots shared by every association (docs/reliability.md)
+        self.gate = validation.DecodeGate(limits or LimitsConfig())
         #: refuses C-STORE (0xA700) while free space is below the retention reserve; None = never
         self.disk = disk
         self._counts: dict[int, _Counts] = {}
@@ -219,7 +236,7 @@ class StorageService:
 
     def on_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
-        sop_uid = str(_c_store(event).AffectedSOPInstanceUID)
+        sop_uid = _loggable_uid(_c_store(event).AffectedSOPInstanceUID)
         counts = self._counts_for(event.assoc)
         with self._lock:
             self._in_flight += 1
@@ -259,7 +276,8 @@ class StorageService:
             except OSError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "cannot write temporary file",
                                     f"{exc}; check free space under {self.store.root}", sop_uid, calling_ae)
-            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID), sop_uid)
+            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID),
+                                                  str(_c_store(event).AffectedSOPInstanceUID), self.gate)
             if problem is not None:
                 return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
             try:
