@@ -389,6 +389,26 @@ class QueryRetrieveConfig(_Model):
     move_destinations: list[str] = []
 
 
+class LoggingConfig(_Model):
+    """Where the node's log goes and how it reads (dicom_node/logs.py); ``--log-level`` overrides ``level``."""
+
+    #: DEBUG, INFO, WARNING or ERROR
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: "auto" = a human console format on a terminal, JSON lines otherwise; "json" or "console" force one
+    format: Literal["auto", "json", "console"] = "auto"
+    #: also write JSON lines to this file (relative to the config file), rotated by size; unset = no file
+    file: Path | None = None
+    #: rotate the file when it reaches this many bytes
+    file_max_bytes: int = Field(50_000_000, ge=10_000)
+    #: rotated files kept beside it (node.log.1 ... node.log.N)
+    file_backup_count: int = Field(10, ge=1)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper_level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
 class NodeSettings(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
@@ -399,6 +419,7 @@ class NodeSettings(_Model):
     pipelines: list[Pipeline] = []
     outbox: OutboxConfig = OutboxConfig()
     query_retrieve: QueryRetrieveConfig = QueryRetrieveConfig()
+    logging: LoggingConfig = LoggingConfig()
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -481,7 +502,16 @@ def parse_config(raw: dict, base_dir: Path | None = None, source: str = "config"
         if db is not None and not db.is_absolute():
             db = base_dir / db
         cfg = cfg.model_copy(update={"storage": StorageConfig(root=root, database=db)})
+        cfg = _log_file_path(cfg, base_dir)
     return _tls_files(cfg, base_dir, source)
+
+
+def _log_file_path(cfg: NodeSettings, base_dir: Path) -> NodeSettings:
+    """The log file relative to the config file's folder, like every other path in it."""
+    file = cfg.logging.file
+    if file is None or file.is_absolute():
+        return cfg
+    return cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"file": base_dir / file})})
 
 
 _TLS_FILE_KEYS = ("certificate", "private_key", "ca_certificates")
@@ -600,6 +630,17 @@ backoff_max_s = 600
 enabled = true
 # Names of [[destinations]] a C-MOVE may send to; empty = every destination.
 move_destinations = []
+
+# The node's log: JSON lines (one object per line, a stable "event" name) for journald,
+# docker and log shippers; a human console format on a terminal. `--log-level` overrides level.
+[logging]
+level = "INFO"
+# auto = console format on a terminal, JSON otherwise; or "json" / "console"
+format = "auto"
+# Also write JSON lines to a file (relative to this file's folder), rotated by size:
+# file = "logs/node.log"
+file_max_bytes = 50000000
+file_backup_count = 10
 
 # Where fused series go. Add one block per PACS or workstation.
 # kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).

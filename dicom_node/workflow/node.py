@@ -19,6 +19,7 @@ from dicom_node.config import NodeSettings
 from dicom_node.index.store import Store
 from dicom_node.net.listener import Listener, node_listener
 from dicom_node.outbox import Outbox
+from dicom_node.workflow.heartbeat import Heartbeat, heartbeat_path
 from dicom_node.workflow.jobs import Executor, Job, JobQueue
 from dicom_node.workflow.pairing import Pairing
 from dicom_node.workflow.pipeline import JobInputs, JobOutputs, pipeline_named, run_pipeline
@@ -44,6 +45,7 @@ class Node:
         self._listener: Listener | None = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._heartbeat: Heartbeat | None = None
 
     def _run_job(self, job: Job) -> dict[str, Any]:
         """Run the job's stages, then store its objects and queue them for the pipeline's destinations."""
@@ -81,6 +83,8 @@ class Node:
         self.outbox.start()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="settle-sweep", daemon=True)
         self._sweeper.start()
+        self._heartbeat = Heartbeat(heartbeat_path(self.settings.storage.database_path), {
+            "ae_title": self.settings.node.ae_title, "ports": {"dicom": self.port, "dicom_tls": self.tls_port}}).start()
         log.info("node.started", extra=logs.fields(ae_title=self.settings.node.ae_title, port=self.port,
                                                     pipelines=[p.name for p in self.settings.pipelines]))
         return self
@@ -109,6 +113,8 @@ class Node:
             self._sweeper.join(10)
         self.executor.stop()
         self.outbox.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         log.info("node.stopped")
 
     def wait(self) -> None:
