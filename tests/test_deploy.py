@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -269,8 +270,6 @@ def test_compose_orthanc_config_runs_and_answers_the_nodes_echo(tmp_path):
     try:
         ae = AE(ae_title=settings.node.ae_title)
         ae.add_requested_context(Verification)
-        import time
-
         deadline, assoc = time.monotonic() + 30, None
         while time.monotonic() < deadline and proc.poll() is None:
             assoc = ae.associate("127.0.0.1", dicom_port, ae_title=pacs.ae_title)
@@ -302,3 +301,43 @@ def test_cpu_image_builds_and_runs():
     subprocess.run(["docker", "build", "-f", "deploy/Dockerfile", "-t", tag, "."], cwd=REPO, check=True, timeout=3600)
     out = subprocess.run(["docker", "run", "--rm", tag, "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("fusion-node ")
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 shell is not installed (Debian sqlite3)")
+def test_database_backup_while_the_node_writes(tmp_path):
+    """docs/deployment.md's backup command on a database a writer is busy with: a consistent copy, and
+    the restored copy opens with every job committed before the backup began."""
+    import threading
+
+    from dicom_node.workflow.jobs import JobQueue
+
+    db_path = tmp_path / "data" / "node.sqlite"
+    queue = JobQueue(db_path)
+    queue.ensure_schema()
+    for n in range(200):
+        queue.enqueue(f"before-{n}", "mr-ct", "1.2.3", "1.2.4")
+    stop = threading.Event()
+
+    def writer() -> None:
+        q, n = JobQueue(db_path), 0
+        while not stop.is_set():
+            q.enqueue(f"during-{n}", "mr-ct", "1.2.3", "1.2.4")
+            n += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        backup = tmp_path / "backup.sqlite"
+        done = subprocess.run(["sqlite3", str(db_path), f".backup '{backup}'"], capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        stop.set()
+        thread.join()
+    assert done.returncode == 0, done.stderr
+    check = subprocess.run(["sqlite3", str(backup), "PRAGMA integrity_check"], capture_output=True, text=True)
+    assert check.stdout.strip() == "ok"
+    restored = JobQueue(backup)
+    keys = {j.key for j in restored.list()}
+    assert {f"before-{n}" for n in range(200)} <= keys
+    assert len(queue.list()) >= len(keys)  # the live database went on; the copy is a moment of it
