@@ -182,7 +182,7 @@ def configure(level: str = "INFO", fmt: str = "auto", *, file: Path | None = Non
         rotating = RotatingFileHandler(file, maxBytes=file_max_bytes, backupCount=file_backup_count, encoding="utf-8")
         rotating.setFormatter(OperatorJsonFormatter())
         handlers.append(rotating)
-    levels = [("fusion", level), ("dicom_node", level), ("fusion_demo", level),
+    levels = [("fusion", level), ("dicom_node", level),
               *_LIBRARY_LEVELS.items(), *_ROUTED_LIBRARIES.items()]
     for name, lvl in levels:
         log = logging.getLogger(name)

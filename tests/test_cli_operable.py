@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -30,15 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 CANARY_NAME, CANARY_ID = "CANARY^PATIENT", "CANARY-ID-4711"
 
 
-def cli(*args: str | Path, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m dicom_node.cli ARGS`` from the checkout's root (so this checkout's code runs)."""
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+                          timeout=timeout, cwd=REPO)
 
 
 def _popen(*args: str | Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "dicom_node.cli", *map(str, args)], env=env, **kw)
+    return subprocess.Popen([sys.executable, "-m", "dicom_node.cli", *map(str, args)], cwd=REPO, **kw)
 
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
@@ -207,8 +205,7 @@ def test_closed_pipe_ends_quietly(tmp_path):
     assert first.split()[:2] == [b"ID", b"STATE"]
     assert rc == EXIT_BROKEN_PIPE and "Traceback" not in err and err == "", err
     shell = subprocess.run(f"{sys.executable} -m dicom_node.cli jobs list --config {cfg} | head -1", shell=True,
-                           capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert shell.stdout.split()[:2] == ["ID", "STATE"] and shell.stderr == ""
 
 
