@@ -354,3 +354,32 @@ def test_auto_format_follows_the_terminal():
     assert logs.choose_format("auto", Tty()) == "console"
     assert logs.choose_format("auto", io.StringIO()) == "json"
     assert logs.choose_format("json", Tty()) == "json"
+
+
+def test_each_pairing_decision_is_logged_once(tmp_path):
+    """Settling a pair twice makes one job and one `pairing.job.created`; the second look is no decision."""
+    from dicom_helpers import json_logs
+    from test_pairing import _series, _Sweep
+
+    from dicom_node.config import parse_config
+    from dicom_node.index.store import Store
+    from dicom_node.workflow.jobs import JobQueue
+
+    settings = parse_config({"pipelines": [{"name": "ct-mr", "base": {"modality": ["CT"]},
+                                            "overlay": {"modality": ["MR"]}}]})
+    store = Store(tmp_path / "data", tmp_path / "node.sqlite")
+    store.ensure_schema()
+    jobs = JobQueue(tmp_path / "node.sqlite")
+    jobs.ensure_schema()
+    sweep = _Sweep(settings, store, jobs)
+    with json_logs("dicom_node") as captured:
+        ct = _series(store, "CT", 3, study="1.1", patient="P")
+        mr = _series(store, "MR", 3, study="1.1", patient="P")
+        t = store.get_series(mr).last_received + 60
+        assert len(sweep.sweep(now=t)) == 1
+        sweep.trigger(ct)  # both settle again with the same instances: the job exists already
+        sweep.trigger(mr)
+        assert sweep.pair_settled(now=t + 1) == []
+    events = [d["event"] for d in captured.events()]
+    assert events.count("pairing.job.created") == 1 and "pairing.job.exists" not in events
+    assert "store.series.state" not in events  # the state change is the pairing's decision, logged by it
