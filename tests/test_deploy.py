@@ -119,7 +119,9 @@ def test_compose_matches_node_config(tmp_path):
     secret = next(s for s in node["secrets"] if s["source"] == "http-token")
     assert http["token_file"] == f"/run/secrets/{secret['target']}"
     assert "http-token" in compose["secrets"]
-    assert f"127.0.0.1:{http['port']}/healthz" in " ".join(node["healthcheck"]["test"])
+    check = " ".join(node["healthcheck"]["test"])
+    assert f"127.0.0.1:{http['port']}/healthz" in check and http["token_file"] in check
+    compile(node["healthcheck"]["test"][-1], "healthcheck", "exec")  # the python -c program is valid Python
     # what the image runs is what compose runs
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert json.loads(re.search(r"^CMD (.+)$", dockerfile, flags=re.M).group(1)) == node["command"]
