@@ -462,6 +462,26 @@ class LimitsConfig(_Model):
     decode_wait_s: float = Field(30.0, gt=0)
 
 
+class LoggingConfig(_Model):
+    """Where the node's log goes and how it reads (dicom_node/logs.py); ``--log-level`` overrides ``level``."""
+
+    #: DEBUG, INFO, WARNING or ERROR
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: "auto" = a human console format on a terminal, JSON lines otherwise; "json" or "console" force one
+    format: Literal["auto", "json", "console"] = "auto"
+    #: also write JSON lines to this file (relative to the config file), rotated by size; unset = no file
+    file: Path | None = None
+    #: rotate the file when it reaches this many bytes
+    file_max_bytes: int = Field(50_000_000, ge=10_000)
+    #: rotated files kept beside it (node.log.1 ... node.log.N)
+    file_backup_count: int = Field(10, ge=1)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper_level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
 class NodeSettings(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
@@ -473,10 +493,9 @@ class NodeSettings(_Model):
     outbox: OutboxConfig = OutboxConfig()
     query_retrieve: QueryRetrieveConfig = QueryRetrieveConfig()
     retention: RetentionConfig = RetentionConfig()
-    #: level of the node's JSON log (DEBUG, INFO, WARNING, ERROR); unset = ``--log-level``; SIGHUP applies a change
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
     #: decoding limits applied to every received instance
     limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -559,7 +578,16 @@ def parse_config(raw: dict, base_dir: Path | None = None, source: str = "config"
         if db is not None and not db.is_absolute():
             db = base_dir / db
         cfg = cfg.model_copy(update={"storage": StorageConfig(root=root, database=db)})
+        cfg = _log_file_path(cfg, base_dir)
     return _tls_files(cfg, base_dir, source)
+
+
+def _log_file_path(cfg: NodeSettings, base_dir: Path) -> NodeSettings:
+    """The log file relative to the config file's folder, like every other path in it."""
+    file = cfg.logging.file
+    if file is None or file.is_absolute():
+        return cfg
+    return cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"file": base_dir / file})})
 
 
 _TLS_FILE_KEYS = ("certificate", "private_key", "ca_certificates")
@@ -623,8 +651,6 @@ uid_root = "1.2.826.0.1.3680043.8.498."
 workers = 1
 # auto = GPU when CuPy sees one, else CPU
 device = "auto"
-# Level of the JSON log; unset = the command line's --log-level. SIGHUP applies a change.
-# log_level = "INFO"
 
 [node]
 ae_title = "FUSIONNODE"
@@ -730,6 +756,17 @@ max_inflated_bytes = 1073741824
 decode_concurrency = 2
 # Seconds a C-STORE waits for a decode slot before it is refused with 0xA700.
 decode_wait_s = 30
+
+# The node's log: JSON lines (one object per line, a stable "event" name) for journald,
+# docker and log shippers; a human console format on a terminal. `--log-level` overrides level.
+[logging]
+level = "INFO"
+# auto = console format on a terminal, JSON otherwise; or "json" / "console"
+format = "auto"
+# Also write JSON lines to a file (relative to this file's folder), rotated by size:
+# file = "logs/node.log"
+file_max_bytes = 50000000
+file_backup_count = 10
 
 # Where fused series go. Add one block per PACS or workstation.
 # kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).

@@ -13,6 +13,7 @@ import re
 import sys
 import time
 import traceback
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -185,3 +186,136 @@ def set_level(level: str) -> None:
 def fields(**kw: Any) -> dict[str, dict[str, Any]]:
     """``extra=`` argument carrying structured fields: ``log.info("x.done", extra=fields(n=3))``."""
     return {"fields": kw}
+
+
+# -- operator-facing output: console format, log file, third-party records -------------------------
+#
+# Additive to the JSON formatter above: ``configure`` is what the command line calls (``setup``
+# stays as it is for the tests and the embedded demo).
+
+#: our own packages: their messages start with an event name; anything else is a library's record
+_OWN_PACKAGES = ("fusion", "dicom_node", "fusion_demo")
+#: libraries whose records are routed to the node's handlers even though nothing logs through them
+#: on purpose: the HTTP server's error log (its access log repeats what the node logs itself)
+_ROUTED_LIBRARIES = {"uvicorn": "WARNING", "uvicorn.error": "WARNING", "uvicorn.access": "WARNING"}
+
+
+def is_library_record(record: logging.LogRecord) -> bool:
+    """A record from a logger outside our packages (pynetdicom, pydicom, uvicorn, httpx ...)."""
+    return record.name.split(".")[0] not in _OWN_PACKAGES
+
+
+def library_event(record: logging.LogRecord) -> str:
+    """The stable event name of a third-party record: ``lib.<top-level package>``.
+
+    A library's message is free text that may quote element values (names,
+    IDs); its first word is no event name ("Unknown", "TCP", "Association").
+    So the event is named for the library and the level, as :class:`_LibraryFilter`
+    names it, and the message itself is dropped.
+    """
+    return f"lib.{record.name.split('.')[0] or 'root'}.{record.levelname.lower()}"
+
+
+def library_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """What may be kept of a third-party record: where it came from, never its text or arguments."""
+    doc: dict[str, Any] = {"source": f"{record.module}:{record.funcName}:{record.lineno}"}
+    if record.exc_info and record.exc_info[0] is not None:
+        doc["error_type"] = record.exc_info[0].__name__
+    return doc
+
+
+class OperatorJsonFormatter(JsonFormatter):
+    """The JSON formatter with third-party records named ``lib.<package>.<level>`` and stripped of their text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not is_library_record(record):
+            return super().format(record)
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": library_event(record),
+            **library_fields(record),
+        }
+        return json.dumps(doc, default=str)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """One readable line per record for a person at a terminal: time, level, event, key=value fields.
+
+    Same content as the JSON line (third-party text dropped alike); a traceback
+    follows on its own lines.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        if is_library_record(record):
+            event, detail, extra = library_event(record), "", library_fields(record)
+        else:
+            event, _, detail = record.getMessage().partition(" ")
+            extra = dict(getattr(record, "fields", {}) or {})
+        parts = [stamp, f"{record.levelname:<7s}", event]
+        if detail:
+            parts.append(detail)
+        parts += [f"{k}={_console_value(v)}" for k, v in extra.items()]
+        line = " ".join(parts)
+        if record.exc_info and not is_library_record(record):
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _console_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if (not text or any(c.isspace() for c in text)) else text
+
+
+def choose_format(fmt: str, stream: TextIO | None = None) -> str:
+    """``auto`` resolved: console when the stream is a terminal, else JSON (journald, docker, pipes)."""
+    if fmt != "auto":
+        return fmt
+    target = stream if stream is not None else sys.stderr
+    isatty = getattr(target, "isatty", None)
+    return "console" if callable(isatty) and isatty() else "json"
+
+
+def configure(level: str = "INFO", fmt: str = "auto", *, file: Path | None = None,
+              file_max_bytes: int = 50_000_000, file_backup_count: int = 10,
+              stream: TextIO | None = None) -> None:
+    """Route every record to stderr (console or JSON) and, when ``file`` is given, to a rotated JSON file.
+
+    Our loggers at ``level``; the DICOM libraries at their own floor
+    (``_LIBRARY_LEVELS``: their debug text can quote patient data); any
+    other library's warnings through the root logger, renamed ``lib.<package>.<level>``.
+    """
+    import warnings
+    from logging.handlers import RotatingFileHandler
+
+    # imported first, as in setup(): pydicom resets its logger's level when imported
+    import pydicom  # noqa: F401  # imported for its side effect on the "pydicom" logger
+    import pynetdicom  # noqa: F401  # likewise for "pynetdicom"
+
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
+    handler.setFormatter(ConsoleFormatter() if choose_format(fmt, stream) == "console" else OperatorJsonFormatter())
+    handlers: list[logging.Handler] = [handler]
+    if file is not None:
+        file = Path(file)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        rotating = RotatingFileHandler(file, maxBytes=file_max_bytes, backupCount=file_backup_count, encoding="utf-8")
+        rotating.setFormatter(OperatorJsonFormatter())
+        handlers.append(rotating)
+    levels = [("fusion", level), ("dicom_node", level),
+              *_LIBRARY_LEVELS.items(), *_ROUTED_LIBRARIES.items()]
+    for name, lvl in levels:
+        log = logging.getLogger(name)
+        log.handlers[:] = list(handlers)
+        log.setLevel(lvl.upper())
+        log.propagate = False
+    for h in handlers:
+        h.addFilter(_LibraryFilter())  # before any formatter: the record itself loses its text
+        h._fusion_node = True  # type: ignore[attr-defined]  # marks ours, so a second call replaces them
+    root = logging.getLogger()
+    # keep handlers others put there (pytest's capture); replace only the ones a previous call added
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_fusion_node", False)] + handlers
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(False)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")

@@ -182,10 +182,10 @@ def test_sighup_applies_a_changed_config_and_survives_a_broken_one(tmp_path):
         # a changed file: an access list (applied live) and the port (needs a restart)
         assert not node.events("scp.echo"), "a debug event, not logged at INFO"
         node.config.write_text(node_toml(port=free_port(), extra='allowed_callers = ["OTHER"]',
-                                         top='log_level = "DEBUG"'))
+                                         pipelines='[logging]\nlevel = "DEBUG"'))
         node.signal(signal.SIGHUP)
         rec = node.wait_event("config.reloaded", 10)
-        assert {"node.allowed_callers", "log_level"} <= set(rec["applied"]) and "node.port" in rec["restart_needed"]
+        assert {"node.allowed_callers", "logging.level"} <= set(rec["applied"]) and "node.port" in rec["restart_needed"]
         assert node.events("config.reload.restart_needed")[0]["keys"] == ["node.port"]
         assert not _echo(port, "SCANNER"), "the new access list applies at once"
         assert _echo(port, "OTHER"), "on the port it was started with"

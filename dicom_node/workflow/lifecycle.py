@@ -25,11 +25,12 @@ log = logging.getLogger("dicom_node.workflow.lifecycle")
 #: dotted keys a running node cannot change (bound sockets, open folders and database, started threads)
 RESTART_KEYS: tuple[str, ...] = (
     "node.ae_title", "node.host", "node.port", "node.plain_enabled", "node.network_timeout_s", "node.tls",
-    "storage", "workers", "device", "query_retrieve.enabled",
+    "node.artim_timeout_s", "storage", "workers", "device", "query_retrieve.enabled", "limits",
+    "logging.format", "logging.file", "logging.file_max_bytes", "logging.file_backup_count",
 )
 
 #: sections compared key by key (others as a whole)
-_NESTED = ("node", "query_retrieve", "settle", "outbox", "retention")
+_NESTED = ("node", "query_retrieve", "settle", "outbox", "retention", "logging")
 
 
 def _flat(settings: NodeSettings) -> dict[str, Any]:
@@ -70,8 +71,10 @@ def merge_live(old: NodeSettings, new: NodeSettings) -> Reload:
     node_keep = {k.split(".", 1)[1]: getattr(old.node, k.split(".", 1)[1]) for k in RESTART_KEYS
                  if k.startswith("node.")}
     qr = new.query_retrieve.model_copy(update={"enabled": old.query_retrieve.enabled})
+    log_keep = {k: getattr(old.logging, k) for k in ("format", "file", "file_max_bytes", "file_backup_count")}
     merged = new.model_copy(update={"node": new.node.model_copy(update=node_keep), "storage": old.storage,
-                                    "workers": old.workers, "device": old.device, "query_retrieve": qr})
+                                    "workers": old.workers, "device": old.device, "query_retrieve": qr,
+                                    "limits": old.limits, "logging": new.logging.model_copy(update=log_keep)})
     return Reload(merged, [k for k in changed if k not in restart], restart)
 
 

@@ -22,6 +22,7 @@ from dicom_node.net.listener import Listener, node_listener
 from dicom_node.outbox import Outbox
 from dicom_node.workflow import checkpoint
 from dicom_node.workflow.checkpoint import Checkpoints
+from dicom_node.workflow.heartbeat import Heartbeat, heartbeat_path
 from dicom_node.workflow.jobs import Executor, Job, JobQueue, node_identity, output_seed
 from dicom_node.workflow.lifecycle import Reload, reload_settings
 from dicom_node.workflow.pairing import Pairing
@@ -54,6 +55,7 @@ class Node:
         self._sweeper: threading.Thread | None = None
         self._retainer: threading.Thread | None = None
         self._stopped = False
+        self._heartbeat: Heartbeat | None = None
 
     def _run_job(self, job: Job) -> dict[str, Any]:
         """Run the job's stages (resuming from its checkpoints), then make its objects visible and queued at once."""
@@ -115,8 +117,6 @@ class Node:
         # fused checkpoints of jobs that will not resume go, this node's dead jobs are taken back
         self.store.clean_staging()
         checkpoint.clean(self.jobs, self.store.root)
-        if self.settings.log_level is not None:
-            logs.set_level(self.settings.log_level)
         self.jobs.recover()
         self._listener = node_listener(self.settings, self.store).start()
         self.executor.start()
@@ -125,6 +125,8 @@ class Node:
         self._sweeper.start()
         self._retainer = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         self._retainer.start()
+        self._heartbeat = Heartbeat(heartbeat_path(self.settings.storage.database_path), {
+            "ae_title": self.settings.node.ae_title, "ports": {"dicom": self.port, "dicom_tls": self.tls_port}}).start()
         log.info("node.started", extra=logs.fields(ae_title=self.settings.node.ae_title, port=self.port,
                                                     pipelines=[p.name for p in self.settings.pipelines]))
         return self
@@ -168,8 +170,7 @@ class Node:
         self.settler = Settler(settings, self.store)
         self.pairing = Pairing(settings, self.store, self.jobs)
         self.retention.settings = settings
-        if settings.log_level is not None:
-            logs.set_level(settings.log_level)
+        logs.set_level(settings.logging.level)
         if self._listener is not None:
             self._listener.apply_settings(settings)
 
