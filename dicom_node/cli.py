@@ -160,19 +160,26 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from dicom_node.workflow.node import Node
+    from dicom_node.errors import NodeError
+    from dicom_node.web.runtime import start_node
 
-    node = Node(_settings(args)).start()
+    try:
+        running = start_node(_settings(args))
+    except NodeError as exc:
+        raise CliError(exc.operator_message) from exc
+    node = running.node
     cfg = node.settings.node
     ports = [f"TLS port {node.tls_port}"] if node.tls_port is not None else []
     if cfg.plain_enabled:
         ports.insert(0, f"port {node.port}")
     aes = [cfg.ae_title, *(p.ae_title for p in node.settings.pipelines if p.ae_title)]
     print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C stops", flush=True)
+    print(f"status page and API at {running.url}" if running.url else "HTTP side disabled ([http] enabled = false)",
+          flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.request_stop())
     node.wait()
-    node.stop()
+    running.stop()
     return 0
 
 

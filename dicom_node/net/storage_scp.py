@@ -46,6 +46,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
+from dicom_node import events
 from dicom_node.dicom import validation
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
@@ -187,6 +188,7 @@ class StorageService:
             log.exception("scp.store.error", extra=fields(sop_instance_uid=sop_uid, calling_ae=calling_ae,
                                                           status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
             status = statuses.CANNOT_UNDERSTAND
+            events.emit("scp.instance", outcome="error", bytes=0)
         if status != statuses.SUCCESS:
             counts.rejected += 1
         return status
@@ -195,6 +197,7 @@ class StorageService:
         # detail is an exception text about tags and lengths; capped so a decoder cannot flood the log
         log.warning("scp.store.rejected", extra=fields(reason=reason, detail=detail[:300], sop_instance_uid=sop_uid,
                                                        calling_ae=calling_ae, status=statuses.hex_status(status)))
+        events.emit("scp.instance", outcome="rejected", bytes=0)
         return status
 
     def _store(self, event: evt.Event, calling_ae: str, sop_uid: str, counts: _Counts) -> int:
@@ -216,6 +219,8 @@ class StorageService:
                 return self._reject(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc), "", sop_uid, calling_ae)
         finally:
             tmp.unlink(missing_ok=True)  # consumed on success; removed on every other path
+        events.emit("scp.instance", outcome="duplicate" if result.duplicate else "stored",
+                    bytes=_size(result.path))
         if result.duplicate:
             counts.duplicates += 1
             log.info("scp.store.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
@@ -225,3 +230,10 @@ class StorageService:
             log.debug("scp.store.ok", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
                                                    calling_ae=calling_ae))
         return statuses.SUCCESS
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicom_node import events
 from dicom_node.config import NodeSettings
 from dicom_node.index import db
 from dicom_node.logs import fields
@@ -402,6 +403,7 @@ class Outbox:
                 (status, db.now(), w.id),
             )
         warning = status != 0x0000
+        events.emit("outbox.sent", destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid)
         log.log(
             logging.WARNING if warning else logging.INFO,
             "outbox.sent",
@@ -427,6 +429,8 @@ class Outbox:
         if dead:
             log.error("outbox.dead", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
                                                   attempts=attempts, status=hex_status(status), error=error))
+            events.emit("outbox.dead", destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
+                        attempts=attempts, error=error)
             return "dead"
         log.warning("outbox.retry", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
                                                  attempts=attempts, status=hex_status(status), error=error,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node import logs
+from dicom_node import events, logs
 from dicom_node.errors import NodeError
 from dicom_node.index import db
 from dicom_node.states import JobState, check_in
@@ -40,10 +40,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     error TEXT,
-    result TEXT
+    result TEXT,
+    stage TEXT,
+    progress_done INTEGER,
+    progress_total INTEGER,
+    stage_started_at REAL,
+    progress_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
+
+#: progress columns a database written before they existed lacks: (name, declaration)
+_PROGRESS_COLUMNS = (("stage", "TEXT"), ("progress_done", "INTEGER"), ("progress_total", "INTEGER"),
+                     ("stage_started_at", "REAL"), ("progress_at", "REAL"))
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,13 @@ class Job:
     finished_at: float | None
     error: str | None
     result: dict | None
+    #: the stage a running job is in (load, register, prepare, fuse, encode, store), and its slices done/total
+    stage: str | None = None
+    progress_done: int | None = None
+    progress_total: int | None = None
+    stage_started_at: float | None = None
+    #: when the job last reported progress: a running job silent for long is stuck or its worker died
+    progress_at: float | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -90,6 +106,24 @@ class JobQueue:
 
     def ensure_schema(self) -> None:
         self.conn.executescript(_SCHEMA)
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(jobs)")}
+        if all(c in have for c, _ in _PROGRESS_COLUMNS):
+            return
+        with db.transaction(self.conn) as c:
+            have = {r["name"] for r in c.execute("PRAGMA table_info(jobs)")}  # again under the lock
+            for column, decl in _PROGRESS_COLUMNS:
+                if column not in have:
+                    c.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+                    log.info("jobs.schema.migrated", extra=logs.fields(added_column=column))
+
+    def set_progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None) -> None:
+        """Record where a running job is; a new stage name restarts the stage clock (the ETA's basis)."""
+        t = db.now()
+        self.conn.execute(
+            "UPDATE jobs SET stage_started_at = CASE WHEN stage IS ? THEN stage_started_at ELSE ? END, "
+            "stage = ?, progress_done = ?, progress_total = ?, progress_at = ? WHERE id = ?",
+            (stage, t, stage, done, total, t, job_id),
+        )
 
     def enqueue(self, key: str, pipeline: str, base_series_uid: str, overlay_series_uid: str) -> tuple[int, bool]:
         """Add a job unless one with the same inputs exists; returns ``(id, created)``."""
@@ -111,8 +145,9 @@ class JobQueue:
             if row is None:
                 return None
             c.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ? WHERE id = ?",
-                (db.now(), row["id"]),
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, stage = NULL, "
+                "progress_done = NULL, progress_total = NULL, stage_started_at = ?, progress_at = ? WHERE id = ?",
+                (t := db.now(), t, t, row["id"]),
             )
             return Job.from_row(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
@@ -196,10 +231,12 @@ class Executor:
             self._queue.fail(job.id, reason, partial)
             log.error("job.failed", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, reason=reason,
                                                        trace=traceback.format_exc(limit=8)))
+            events.emit("job.failed", job_id=job.id, pipeline=job.pipeline, reason=reason, attempt=job.attempts)
             return True
         self._queue.finish(job.id, result)
         scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("job_id", "pipeline")}
         log.info("job.done", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, **scalars))
+        events.emit("job.done", job_id=job.id, pipeline=job.pipeline, seconds=result.get("seconds") or {})
         return True
 
     def _loop(self) -> None:

@@ -49,7 +49,9 @@ class Node:
         """Run the job's stages, then store its objects and queue them for the pipeline's destinations."""
         inputs = JobInputs(job.id, job.pipeline, [i.path for i in self.store.instances(job.base_series_uid)],
                            [i.path for i in self.store.instances(job.overlay_series_uid)])
-        outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models)
+        outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models,
+                               report=lambda stage, done, total: self.jobs.set_progress(job.id, stage, done, total))
+        self.jobs.set_progress(job.id, "store")
         return self.deliver(job.id, outputs)
 
     def deliver(self, job_id: int, outputs: JobOutputs) -> dict[str, Any]:

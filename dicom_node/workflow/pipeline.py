@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,11 @@ from dicom_node.workflow.stages import DerivedObjects, JobError
 
 log = logging.getLogger("dicom_node.workflow.pipeline")
 
-__all__ = ["JobError", "JobInputs", "JobOutputs", "StageClock", "pipeline_named", "run_pipeline"]
+__all__ = ["JobError", "JobInputs", "JobOutputs", "StageClock", "StageProgress", "pipeline_named", "run_pipeline"]
+
+
+#: ``(stage, slices done, slices total)``; done/total are None outside the slice-by-slice stages
+StageProgress = Callable[[str, "int | None", "int | None"], None]
 
 
 @dataclass
@@ -30,9 +34,13 @@ class StageClock:
     """Seconds per stage, summed when a stage runs more than once."""
 
     seconds: dict[str, float]
+    #: told ``(stage, done, total)`` as the job goes: the job table's progress columns
+    report: StageProgress | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.report is not None:
+            self.report(name, None, None)
         t0 = time.perf_counter()
         try:
             yield
@@ -65,12 +73,16 @@ def pipeline_named(settings: NodeSettings, name: str) -> Pipeline:
 
 
 def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
-                 models: dict[str, Any] | None = None) -> JobOutputs:
-    """Run one job's stages; returns the derived objects and the result record."""
+                 models: dict[str, Any] | None = None, report: StageProgress | None = None) -> JobOutputs:
+    """Run one job's stages; returns the derived objects and the result record.
+
+    ``report`` hears each stage as it starts and the fuse stage's slices as they
+    are done: the minutes of a large fusion are the ones an operator asks about.
+    """
     from fusion.backend import resolve_device
 
     pipeline = pipeline_named(settings, job.pipeline)
-    clock = StageClock({})
+    clock = StageClock({}, report)
     result: dict[str, Any] = {"pipeline": pipeline.name}
 
     with clock.stage("load"):
@@ -94,6 +106,8 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
 
     def progress(done: int, total: int) -> None:
         log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.job_id, slices_done=done, slices_total=total))
+        if report is not None:
+            report("fuse", done, total)
 
     with clock.stage("fuse"):
         fused = stages.fuse(prepared, pipeline, device, models, progress)
