@@ -117,11 +117,15 @@ class JobQueue:
                     log.info("jobs.schema.migrated", extra=logs.fields(added_column=column))
 
     def set_progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None) -> None:
-        """Record where a running job is; a new stage name restarts the stage clock (the ETA's basis)."""
+        """Record where a running job is; a new stage name restarts the stage clock (the ETA's basis).
+
+        Without counts the last slice counts stay (after ``fuse``: "40/40 slices").
+        """
         t = db.now()
         self.conn.execute(
             "UPDATE jobs SET stage_started_at = CASE WHEN stage IS ? THEN stage_started_at ELSE ? END, "
-            "stage = ?, progress_done = ?, progress_total = ?, progress_at = ? WHERE id = ?",
+            "stage = ?, progress_done = COALESCE(?, progress_done), progress_total = COALESCE(?, progress_total), "
+            "progress_at = ? WHERE id = ?",
             (stage, t, stage, done, total, t, job_id),
         )
 
