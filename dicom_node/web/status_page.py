@@ -34,13 +34,15 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .failed,.dead,.bad,.timed_out{background:#c62828}.warn,.stalled,.unmatched{background:#e08a00}.paired{background:#4f6d8f}
 .bar{width:220px;height:16px;background:#e3e7ee;border-radius:8px;overflow:hidden;display:inline-block;vertical-align:middle}
 .bar>span{display:block;height:100%;background:#1565c0}
-.done .bar>span{background:#2e7d32}
+tr.row-done .bar>span{background:#2e7d32}
+tr.row-failed td{background:#fff6f6}
+.jobs td:nth-child(7){width:150px}
 .pct{display:inline-block;width:48px;text-align:right;margin-right:6px;font-variant-numeric:tabular-nums}
 .err{color:#b71c1c;font-size:13px}
 .muted{color:#778;font-size:13px}
 .checks{display:flex;gap:10px;flex-wrap:wrap;margin:0;padding:0;list-style:none}
 .checks li{background:#fafbfc;border:1px solid #e1e4ea;border-radius:6px;padding:5px 10px;font-size:13px}
-.sheets{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:14px}
+.sheets{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:14px}
 figure{margin:0;border:1px solid #e1e4ea;border-radius:6px;padding:8px;background:#fafbfc}
 figure img{width:100%;height:auto;display:block;border-radius:4px;background:#000}
 figcaption{font-size:13px;margin-top:6px}
@@ -73,7 +75,7 @@ def _short(uid: str | None) -> str:
     """A UID's tail, enough to tell series apart on a screen; the full UID is in the title and the API."""
     if not uid:
         return "-"
-    tail = uid if len(uid) <= 22 else "..." + uid[-19:]
+    tail = uid if len(uid) <= 16 else "..." + uid[-13:]
     return f'<span class="uid" title="{escape(uid)}">{escape(tail)}</span>'
 
 
@@ -112,13 +114,13 @@ def _jobs(jobs: list[dict[str, Any]], now: float) -> str:
             action = (f'<form method="post" action="/api/jobs/{j["id"]}/retry">'
                       f'<button type="submit">retry</button></form>')
         rows.append(
-            f'<tr class="{escape(j["state"])}"><td class="num">{j["id"]}</td><td>{escape(j["pipeline"])}</td>'
+            f'<tr class="row-{escape(j["state"])}"><td class="num">{j["id"]}</td><td>{escape(j["pipeline"])}</td>'
             f'<td>{_badge(j["state"])}</td><td>{stage}</td><td>{bar}</td><td>{when}</td>'
             f'<td>{_short(j["base_series_uid"])}<br>{_short(j["overlay_series_uid"])}</td><td>{notes}</td>'
             f'<td>{action}</td></tr>')
     head = ("<tr><th>job</th><th>pipeline</th><th>state</th><th>stage</th><th>progress</th><th>time</th>"
             "<th>base / overlay series</th><th>notes</th><th></th></tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+    return f'<table class="jobs">{head}{"".join(rows)}</table>'
 
 
 def _series(series: list[dict[str, Any]], now: float) -> str:
@@ -166,17 +168,23 @@ def _outbox(outbox: dict[str, Any], readiness: dict[str, Any]) -> str:
 
 
 def _dead(outbox: dict[str, Any], now: float) -> str:
+    """Dead letters grouped by destination, job and error: a refused series is one line, not one per image."""
     dead = outbox["dead_letters"]
     if not dead:
         return '<p class="muted">None: every instance was delivered or is still being tried.</p>'
-    rows = [f'<tr><td class="num">{d["id"]}</td><td>{escape(d["destination"])}</td><td class="num">{d["job_id"] or "-"}</td>'
-            f'<td class="num">{d["attempts"]}</td><td>{_ago(d["updated_at"], now)}</td>'
-            f'<td><span class="err">{escape((d["last_error"] or "")[:200])}</span></td>'
-            f'<td>{_short(d["sop_instance_uid"])}</td></tr>' for d in reversed(dead[-15:])]
-    more = outbox["dead_letters_total"] - min(15, len(dead))
-    tail = f'<p class="muted">and {more} more (GET /api/outbox)</p>' if more > 0 else ""
-    head = ("<tr><th>item</th><th>destination</th><th>job</th><th>attempts</th><th>given up</th><th>error</th>"
-            "<th>SOP instance</th></tr>")
+    groups: dict[tuple[str, int | None, str], list[dict[str, Any]]] = {}
+    for d in dead:
+        groups.setdefault((d["destination"], d["job_id"], d["last_error"] or ""), []).append(d)
+    rows = []
+    for (dest, job_id, error), items in sorted(groups.items(), key=lambda g: -max(i["updated_at"] for i in g[1])):
+        ids = [i["id"] for i in items]
+        rows.append(f'<tr><td>{escape(dest)}</td><td class="num">{job_id or "-"}</td><td class="num">{len(items)}</td>'
+                    f'<td>{min(ids)}&ndash;{max(ids)}</td><td>{_ago(max(i["updated_at"] for i in items), now)}</td>'
+                    f'<td><span class="err">{escape(error[:200])}</span></td></tr>')
+    more = outbox["dead_letters_total"] - len(dead)
+    tail = f'<p class="muted">and {more} older ones (GET /api/outbox)</p>' if more > 0 else ""
+    head = ("<tr><th>destination</th><th>job</th><th>instances</th><th>outbox items</th><th>given up</th>"
+            "<th>error</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>{tail}"
 
 
@@ -213,7 +221,10 @@ def render(*, settings: NodeSettings, jobs: list[dict[str, Any]], series: list[d
     for j in jobs:
         counts[j["state"]] = counts.get(j["state"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no jobs"
-    ready = _badge("ok", "ready") if readiness["ready"] else _badge("bad", "not ready")
+    failing = [n for n, c in readiness["checks"].items() if not c["ok"]]
+    failing += [f"{n} down" for n, c in readiness["destinations"].items() if not c["ok"]]
+    ready = _badge("ok", "ready") if readiness["ready"] else (
+        _badge("bad", "not ready") + f' <span class="meta">{escape(", ".join(failing))}</span>')
     dead_total = outbox["dead_letters_total"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -227,12 +238,12 @@ def render(*, settings: NodeSettings, jobs: list[dict[str, Any]], series: list[d
 &middot; dead letters: {dead_total} &middot; {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))},
 reloads every {refresh} s</span></header>
 <main>
-<section><h2>Readiness</h2>{_readiness(readiness)}</section>
 <section><h2>Jobs</h2>{_jobs(jobs, now)}</section>
 <section><h2>Series waiting to settle or for a partner</h2>{_series(series, now)}</section>
 <section><h2>Outbox by destination</h2>{_outbox(outbox, readiness)}</section>
 <section><h2>Dead letters</h2>{_dead(outbox, now)}</section>
 <section><h2>Registration check sheets</h2>{_sheets(sheets)}</section>
+<section><h2>Readiness</h2>{_readiness(readiness)}</section>
 <p class="muted">JSON: <a href="/api/jobs">/api/jobs</a> <a href="/api/series">/api/series</a>
 <a href="/api/outbox">/api/outbox</a> <a href="/api/registrations">/api/registrations</a> &middot;
 <a href="/metrics">/metrics</a> &middot; <a href="/readyz">/readyz</a></p>
