@@ -113,8 +113,9 @@ def outbox_view(outbox: Outbox) -> dict[str, Any]:
     """Per destination: counts by state, depth and age of the oldest waiting item; the latest dead letters."""
     now = time.time()
     destinations: dict[str, Any] = {}
+    in_flight = [*outbox.list(state="pending"), *outbox.list(state="sending")]  # sent rows are never read here
     for name, states in outbox.summary().items():
-        waiting = [i for i in outbox.list(destination=name) if i.state in ("pending", "sending")]
+        waiting = sorted((i for i in in_flight if i.destination == name), key=lambda i: i.id)
         destinations[name] = {
             "states": states, "depth": states["pending"] + states["sending"],
             "oldest_age_s": round(now - min(i.created_at for i in waiting), 1) if waiting else 0.0,

@@ -1,0 +1,58 @@
+"""Readiness checks and job progress on their own: weights missing, disk below reserve, an old jobs table."""
+
+from __future__ import annotations
+
+import sqlite3
+
+
+def _settings(tmp_path, **extra):
+    from dicom_node.config import parse_config
+
+    return parse_config({"storage": {"root": str(tmp_path)},
+                         "pipelines": [{"name": "mr-ct", "destinations": [], "base": {"modality": ["CT"]},
+                                        "overlay": {"modality": ["MR"]}}], **extra})
+
+
+def test_missing_weights_make_the_node_not_ready(tmp_path, monkeypatch):
+    from dicom_node.web.readiness import Readiness
+
+    monkeypatch.setenv("FUSION_VGG16_WEIGHTS", str(tmp_path / "nowhere.pt"))
+    monkeypatch.setenv("FUSION_CACHE_DIR", str(tmp_path / "empty-cache"))
+    r = Readiness(_settings(tmp_path))
+    report = r.self_check()
+    assert report["ready"] is False
+    assert not report["checks"]["weights"]["ok"] and "fusion-node models fetch" in report["checks"]["weights"]["detail"]
+    assert report["checks"]["database"]["ok"]
+
+
+def test_disk_below_reserve_is_not_ready(tmp_path):
+    from dicom_node.web.readiness import Readiness
+
+    r = Readiness(_settings(tmp_path, http={"disk_reserve_mb": 2**40}))
+    check = r.check_disk()
+    assert not check.ok and "below the reserve" in check.detail
+
+
+def test_an_old_jobs_table_gains_the_progress_columns(tmp_path):
+    from dicom_node.workflow.jobs import JobQueue
+
+    db = tmp_path / "node.sqlite"
+    with sqlite3.connect(db) as c:  # the table as the previous version wrote it
+        c.executescript("""CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE,
+            pipeline TEXT NOT NULL, base_series_uid TEXT NOT NULL, overlay_series_uid TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+            started_at REAL, finished_at REAL, error TEXT, result TEXT);
+            INSERT INTO jobs (key, pipeline, base_series_uid, overlay_series_uid, created_at) VALUES ('k', 'p', '1', '2', 0);""")
+    q = JobQueue(db)
+    q.ensure_schema()
+    job = q.claim()
+    assert job is not None and job.stage is None
+    q.set_progress(job.id, "fuse", 8, 40)
+    first = q.get(job.id)
+    q.set_progress(job.id, "fuse", 16, 40)
+    again = q.get(job.id)
+    assert (again.stage, again.progress_done, again.progress_total) == ("fuse", 16, 40)
+    assert again.stage_started_at == first.stage_started_at  # the same stage: its clock runs on
+    q.set_progress(job.id, "encode")
+    last = q.get(job.id)
+    assert last.stage == "encode" and last.progress_done == 16 and last.stage_started_at >= again.progress_at
