@@ -56,3 +56,14 @@ def test_an_old_jobs_table_gains_the_progress_columns(tmp_path):
     q.set_progress(job.id, "encode")
     last = q.get(job.id)
     assert last.stage == "encode" and last.progress_done == 16 and last.stage_started_at >= again.progress_at
+
+
+def test_exposed_without_token_is_refused():
+    import pytest
+
+    from dicom_node.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="token"):
+        parse_config({"http": {"host": "0.0.0.0"}})
+    assert parse_config({"http": {"host": "0.0.0.0", "token": "x" * 32}}).http.host == "0.0.0.0"
+    assert parse_config({"http": {"host": "0.0.0.0", "enabled": False}}).http.enabled is False
