@@ -77,17 +77,26 @@ def echo(dest: DicomDestination, settings: NodeSettings) -> Check:
             assoc.release()
 
 
-def http_probe(dest: DicomWebDestination) -> Check:
-    """A DICOMweb service answers when its base URL gives any HTTP response below 500."""
+def http_probe(dest: DicomWebDestination, settings: NodeSettings) -> Check:
+    """A DICOMweb service answers a QIDO-RS search (``GET <url>/studies?limit=1``) with the send's credentials.
+
+    The same client as the sender (TLS trust, token or Basic credentials), so
+    refused credentials show here, before the first fused series waits on them.
+    """
     import httpx
+
+    from dicom_node.outbox.stow import StowSender
 
     t0 = time.time()
     try:
-        r = httpx.get(dest.url, timeout=10.0, verify=str(dest.ca_certificates) if dest.ca_certificates else True)
-    except httpx.HTTPError as exc:
+        with StowSender(dest, settings, settings.node.ae_title)._client() as client:
+            r = client.get(dest.url.rstrip("/") + "/studies", params={"limit": "1"}, timeout=10.0)
+    except (httpx.HTTPError, OSError) as exc:
         return Check(False, f"no HTTP answer: {type(exc).__name__}: {exc}", t0)
-    ok = r.status_code < 500
-    return Check(ok, f"HTTP {r.status_code}", t0, round((time.time() - t0) * 1000, 1))
+    ms = round((time.time() - t0) * 1000, 1)
+    if r.status_code in (401, 403):
+        return Check(False, f"HTTP {r.status_code}: credentials refused; check token/username/password", t0, ms)
+    return Check(r.status_code < 500, f"HTTP {r.status_code}", t0, ms)
 
 
 class Readiness:
@@ -111,7 +120,7 @@ class Readiness:
             if isinstance(dest, DicomDestination):
                 results[dest.name] = echo(dest, self.settings)
             else:
-                results[dest.name] = http_probe(dest)
+                results[dest.name] = http_probe(dest, self.settings)
         with self._lock:
             before = dict(self._destinations)
             self._weights, self._destinations = weights, results
