@@ -50,9 +50,16 @@ class Node:
         inputs = JobInputs(job.id, job.pipeline, [i.path for i in self.store.instances(job.base_series_uid)],
                            [i.path for i in self.store.instances(job.overlay_series_uid)])
         outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models,
-                               report=lambda stage, done, total: self.jobs.set_progress(job.id, stage, done, total))
-        self.jobs.set_progress(job.id, "store")
+                               report=lambda stage, done, total: self._progress(job.id, stage, done, total))
+        self._progress(job.id, "store")
         return self.deliver(job.id, outputs)
+
+    def _progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None) -> None:
+        """Record a job's stage and slices (the status page's bar); a progress write must never cost the job."""
+        try:
+            self.jobs.set_progress(job_id, stage, done, total)
+        except Exception:
+            log.exception("job.progress.failed", extra=logs.fields(job_id=job_id, stage=stage))
 
     def deliver(self, job_id: int, outputs: JobOutputs) -> dict[str, Any]:
         """Store a job's derived objects and queue them; returns the result record with those timings added."""
