@@ -19,14 +19,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fusion-node demo
 
-# Real peers for the tests: DCMTK, dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin;
-# systemd-analyze checks deploy/fusion-node.service, sqlite3 the backup command of docs/deployment.md.
+# Real peers for the tests: DCMTK, dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin,
+# headless Chromium (the status page, tests/test_web.py); systemd-analyze checks
+# deploy/fusion-node.service, sqlite3 the backup command of docs/deployment.md.
 TEST_TOOLS := /usr/bin/storescu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
-	/usr/bin/systemd-analyze /usr/bin/sqlite3
+	/usr/bin/chromium /usr/bin/systemd-analyze /usr/bin/sqlite3
 $(TEST_TOOLS):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-		dcmtk dicom3tools orthanc orthanc-dicomweb systemd sqlite3 >/dev/null
+		dcmtk dicom3tools orthanc orthanc-dicomweb chromium systemd sqlite3 >/dev/null
 
 # Static checks first (seconds), then the suite. pytest's exit code 5 (no tests ran) fails the run.
 lint: $(STAMP)

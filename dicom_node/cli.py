@@ -178,11 +178,16 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from dicom_node.workflow.node import Node
+    from dicom_node.errors import NodeError
+    from dicom_node.web.runtime import start_node
 
     settings = _settings(args)
     _configure_logs(args, settings)
-    node = Node(settings).start()
+    try:
+        running = start_node(settings)
+    except NodeError as exc:
+        raise CliError(exc.operator_message) from exc
+    node = running.node
     cfg = node.settings.node
     ports = [f"TLS port {node.tls_port}"] if node.tls_port is not None else []
     if cfg.plain_enabled:
@@ -190,6 +195,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     aes = [cfg.ae_title, *(p.ae_title for p in node.settings.pipelines if p.ae_title)]
     print(f"fusion-node listening as {', '.join(aes)} on {' and '.join(ports)}; Ctrl-C or SIGTERM stops "
           f"(within {cfg.shutdown_timeout_s:g} s), SIGHUP reloads {args.config}", flush=True)
+    print(f"status page and API at {running.url}" if running.url else "HTTP side disabled ([http] enabled = false)",
+          flush=True)
     received: list[str] = []  # handlers only set flags; the main loop logs (no lock taken in a signal handler)
 
     def on_stop(signum: int, _frame: object) -> None:
@@ -203,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("node.signal", extra=logs.fields(signal="SIGHUP", action="reload"))
         node.reload(args.config)
     log.info("node.signal", extra=logs.fields(signal=received[0] if received else None, action="stop"))
-    node.stop()
+    running.stop()  # the node (listener, jobs, outbox), then the HTTP side, readiness and notifications
     # Everything is committed and the log flushed: exit now.  Interpreter teardown (torch, SimpleITK,
     # thread joins) took 1-7 s under load and could crash under a job thread still inside a native
     # call (a registration released at the deadline), turning a clean stop into a failure status.

@@ -482,6 +482,94 @@ class LoggingConfig(_Model):
         return v.upper() if isinstance(v, str) else v
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpConfig(_Model):
+    """The HTTP side (dicom_node/web): health, readiness, metrics, JSON API, status page.
+
+    Bound to this machine by default; bound elsewhere it refuses to start
+    without a bearer token, because the API shows UIDs and can retry jobs.
+    """
+
+    #: serve HTTP beside the DICOM listener (`fusion-node serve` prints its URL)
+    enabled: bool = True
+    #: 127.0.0.1 = this machine only; any other address needs token or token_file
+    host: str = "127.0.0.1"
+    #: 0 = any free port (tests)
+    port: int = Field(8104, ge=0, le=65535)
+    #: bearer token asked of every request but /healthz and /readyz; prefer token_file
+    token: str | None = None
+    #: a file holding only the token, readable by the node's user
+    token_file: Path | None = None
+    #: PEM certificate (chain) and unencrypted key: serve HTTPS instead of HTTP
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: /readyz says not ready when the store's file system has less free space than this (MiB)
+    disk_reserve_mb: int = Field(1024, ge=0)
+    #: seconds between C-ECHO checks of the destinations (cached; a probe never waits on a PACS)
+    check_interval_s: float = Field(60.0, gt=0)
+    #: seconds the status page waits before it reloads itself
+    refresh_s: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _protected(self) -> HttpConfig:
+        if self.enabled and not _is_loopback(self.host) and self.token is None and self.token_file is None:
+            raise ValueError(f"http.host {self.host!r} is reachable from other machines, and no token is set; "
+                             "set token_file (a file holding a long random token) or bind host = \"127.0.0.1\"")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("set both certificate and private_key (HTTPS), or neither")
+        return self
+
+
+#: what a notification can be about
+NotificationEvent = Literal["job_failed", "dead_letter", "registration_doubtful", "destination_down", "destination_up"]
+NOTIFICATION_EVENTS: tuple[str, ...] = ("job_failed", "dead_letter", "registration_doubtful", "destination_down",
+                                        "destination_up")
+
+
+class Notification(_Model):
+    """One receiver of notifications: a webhook (HTTP POST of JSON) or e-mail over SMTP.
+
+    Payloads carry UIDs, counts and the node's messages, never patient names or
+    IDs.  A receiver that cannot be reached is logged; the node carries on.
+    """
+
+    name: str
+    kind: Literal["webhook", "email"] = "webhook"
+    #: which events this receiver hears
+    events: list[NotificationEvent] = list(NOTIFICATION_EVENTS)  # type: ignore[arg-type]  # the same strings, typed
+    #: webhook: the URL the JSON is POSTed to
+    url: str | None = None
+    #: webhook: bearer token sent with each POST; prefer token_file
+    token: str | None = None
+    token_file: Path | None = None
+    #: seconds to wait for the receiver (webhook or SMTP server)
+    timeout_s: float = Field(10.0, gt=0)
+    #: e-mail: the SMTP server (no authentication; a local relay is the usual set-up)
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    #: e-mail: upgrade the SMTP connection with STARTTLS
+    starttls: bool = False
+    #: e-mail: From address and recipients
+    sender: str = "fusion-node@localhost"
+    recipients: list[str] = []
+
+    @model_validator(mode="after")
+    def _complete(self) -> Notification:
+        if self.kind == "webhook" and not self.url:
+            raise ValueError(f"notification {self.name!r} is a webhook without url; set url = \"https://...\"")
+        if self.kind == "email" and not self.recipients:
+            raise ValueError(f"notification {self.name!r} sends e-mail to nobody; set recipients = [\"ops@example.org\"]")
+        return self
+
+
 class NodeSettings(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
@@ -496,6 +584,9 @@ class NodeSettings(_Model):
     #: decoding limits applied to every received instance
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
+    http: HttpConfig = HttpConfig()
+    #: who hears of failed jobs, dead letters, doubtful registrations and destinations down
+    notifications: list[Notification] = []
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -636,7 +727,12 @@ def _tls_files(cfg: NodeSettings, base_dir: Path | None, source: str) -> NodeSet
         elif d.tls is not None:
             d = d.model_copy(update={"tls": _tls_paths(d.tls, f"destinations.{i}.tls", base_dir, source, owner=owner)})
         destinations.append(d)
-    return cfg.model_copy(update={"node": node, "destinations": destinations})
+    http = _tls_paths(cfg.http, "http", base_dir, source, check=cfg.http.enabled,
+                      keys=("certificate", "private_key", "token_file"))
+    notifications = [_tls_paths(n, f"notifications.{i}", base_dir, source, keys=("token_file",))
+                     for i, n in enumerate(cfg.notifications)]
+    return cfg.model_copy(update={"node": node, "destinations": destinations, "http": http,
+                                  "notifications": notifications})
 
 
 EXAMPLE_TOML = """\
@@ -767,6 +863,45 @@ format = "auto"
 # file = "logs/node.log"
 file_max_bytes = 50000000
 file_backup_count = 10
+
+# The HTTP side: /healthz, /readyz, /metrics (Prometheus), the JSON API under /api,
+# and the status page at /. Bound to this machine by default; any other host needs a
+# token (the node refuses to start without one), asked as "Authorization: Bearer ..."
+# of every request but /healthz and /readyz (a browser may pass ?token=... once).
+[http]
+enabled = true
+host = "127.0.0.1"
+port = 8104
+# token_file = "secrets/http-token"     # a file holding only the token, readable by the node's user
+# token = "..."                          # or the token itself (prefer token_file)
+# certificate = "tls/http-cert.pem"     # serve HTTPS: PEM certificate (chain) and its key
+# private_key = "tls/http-key.pem"
+# /readyz fails below this much free space (MiB) under [storage] root.
+disk_reserve_mb = 1024
+# Destinations are checked with C-ECHO this often (seconds); /readyz shows the last answer.
+check_interval_s = 60
+# The status page reloads itself this often (seconds).
+refresh_s = 10
+
+# Who hears of trouble: one block per receiver. Events: job_failed, dead_letter,
+# registration_doubtful, destination_down, destination_up. Payloads carry UIDs and
+# counts, never patient names or IDs; a receiver that fails is logged, the node goes on.
+# [[notifications]]
+# name = "ops-webhook"
+# kind = "webhook"                       # POST of a JSON object to url
+# url = "https://chat.example.org/hooks/fusion"
+# token_file = "secrets/webhook-token"   # optional: sent as "Authorization: Bearer ..."
+# events = ["job_failed", "dead_letter", "registration_doubtful", "destination_down", "destination_up"]
+# timeout_s = 10
+# [[notifications]]
+# name = "ops-mail"
+# kind = "email"                         # plain-text mail through an SMTP relay (no login)
+# smtp_host = "localhost"
+# smtp_port = 25
+# starttls = false
+# sender = "fusion-node@localhost"
+# recipients = ["radiology-it@example.org"]
+# events = ["job_failed", "dead_letter"]
 
 # Where fused series go. Add one block per PACS or workstation.
 # kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).

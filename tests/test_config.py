@@ -116,7 +116,8 @@ def test_example_config_shows_every_default_and_only_defaults():
                            ("limits", C.LimitsConfig),
                            ("pipelines.0", C.Pipeline), ("pipelines.0.registration", C.RegistrationConfig),
                            ("pipelines.0.registration.quality", C.QualityConfig), ("node.tls", C.NodeTLS),
-                           ("logging", C.LoggingConfig)]:
+                           ("logging", C.LoggingConfig),
+                           ("http", C.HttpConfig), ("notifications.0", C.Notification)]:
         documented = {k[len(section) + 1:].split(".")[0] for k in shown if k.startswith(section + ".")}
         commented = {line.lstrip("# ").split(" =")[0] for line in C.EXAMPLE_TOML.splitlines() if " = " in line}
         missing = [f for f in model.model_fields if f not in documented and f not in commented]

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from pynetdicom import AE, _config, evt
 
+from dicom_node import events
 from dicom_node.config import NodeSettings
 from dicom_node.index.store import Store
 from dicom_node.logs import fields
@@ -257,6 +258,7 @@ class Listener:
         assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
+        events.emit("scp.association", outcome="accepted")
         log.info("scp.association.accepted", extra=fields(calling_ae=event.assoc.requestor.ae_title,
                                                           called_ae=called_ae(event.assoc),
                                                           address=event.assoc.requestor.address,
@@ -264,6 +266,7 @@ class Listener:
                                                           contexts=len(event.assoc.accepted_contexts)))
 
     def _on_rejected(self, event: evt.Event) -> None:
+        events.emit("scp.association", outcome="rejected")
         assoc = event.assoc
         with self._lock:
             decision = self._decisions.pop(id(assoc), None)

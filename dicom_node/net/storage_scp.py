@@ -46,7 +46,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
-from dicom_node import audit
+from dicom_node import audit, events
 from dicom_node.config import LimitsConfig
 from dicom_node.dicom import validation
 from dicom_node.dicom.uids import UID_PATTERN
@@ -247,6 +247,7 @@ class StorageService:
             log.exception("scp.store.error", extra=fields(sop_instance_uid=sop_uid, calling_ae=calling_ae,
                                                           status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
             status = statuses.CANNOT_UNDERSTAND
+            events.emit("scp.instance", outcome="error", bytes=0)
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -266,6 +267,7 @@ class StorageService:
         # detail is an exception text about tags and lengths; capped so a decoder cannot flood the log
         log.warning("scp.store.rejected", extra=fields(reason=reason, detail=detail[:300], sop_instance_uid=sop_uid,
                                                        calling_ae=calling_ae, status=statuses.hex_status(status)))
+        events.emit("scp.instance", outcome="rejected", bytes=0)
         return status
 
     def _store(self, event: evt.Event, calling_ae: str, sop_uid: str, counts: _Counts) -> int:
@@ -292,6 +294,8 @@ class StorageService:
         study.patient_id = study.patient_id or result.patient_id
         study.add(result.sop_class_uid)
         crash_point("receive")  # fault tests: stored and indexed, not yet answered
+        events.emit("scp.instance", outcome="duplicate" if result.duplicate else "stored",
+                    bytes=_size(result.path))
         if result.duplicate:
             counts.duplicates += 1
             log.info("scp.store.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
@@ -301,3 +305,10 @@ class StorageService:
             log.debug("scp.store.ok", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
                                                    calling_ae=calling_ae))
         return statuses.SUCCESS
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node import audit
+from dicom_node import audit, events
 from dicom_node.config import NodeSettings, OutboxConfig
 from dicom_node.index import db
 from dicom_node.logs import fields
@@ -535,6 +535,7 @@ class Outbox:
             )
         crash_point("send")  # fault tests: sent and recorded, the rest of the batch not
         warning = status != 0x0000
+        events.emit("outbox.sent", destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid)
         log.log(
             logging.WARNING if warning else logging.INFO,
             "outbox.sent",
@@ -564,6 +565,8 @@ class Outbox:
                                                   attempts=attempts, status=hex_status(status), error=error,
                                                   failing_for_s=round(t - first, 1),
                                                   reason="permanent" if permanent else "retry window over"))
+            events.emit("outbox.dead", destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
+                        attempts=attempts, error=error)
             return "dead"
         log.warning("outbox.retry", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
                                                  attempts=attempts, status=hex_status(status), error=error,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node import logs
+from dicom_node import events, logs
 from dicom_node.errors import NodeError
 from dicom_node.index import db
 from dicom_node.states import JobState, check_in
@@ -67,7 +67,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_owner TEXT,
     lease_run TEXT,
     lease_expires REAL,
-    checkpoint TEXT
+    checkpoint TEXT,
+    stage TEXT,
+    progress_done INTEGER,
+    progress_total INTEGER,
+    stage_started_at REAL,
+    progress_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
@@ -81,6 +86,9 @@ _ADDED_COLUMNS = (
     ("lease_run", "TEXT"),
     ("lease_expires", "REAL"),
     ("checkpoint", "TEXT"),
+    # progress: where a running job is (the status page's bar and ETA)
+    ("stage", "TEXT"), ("progress_done", "INTEGER"), ("progress_total", "INTEGER"),
+    ("stage_started_at", "REAL"), ("progress_at", "REAL"),
 )
 
 
@@ -130,6 +138,13 @@ class Job:
     lease_expires: float | None = None
     #: stage outputs kept for a resume (``workflow/checkpoint.py``)
     checkpoint: dict | None = None
+    #: the stage a running job is in (load, register, prepare, fuse, encode, store), and its slices done/total
+    stage: str | None = None
+    progress_done: int | None = None
+    progress_total: int | None = None
+    stage_started_at: float | None = None
+    #: when the job last reported progress: a running job silent for long is stuck or its worker died
+    progress_at: float | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -194,6 +209,19 @@ class JobQueue:
                 for column, decl in missing():  # again under the lock: another process may have done it
                     conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
 
+    def set_progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None) -> None:
+        """Record where a running job is; a new stage name restarts the stage clock (the ETA's basis).
+
+        Without counts the last slice counts stay (after ``fuse``: "40/40 slices").
+        """
+        t = db.now()
+        self.conn.execute(
+            "UPDATE jobs SET stage_started_at = CASE WHEN stage IS ? THEN stage_started_at ELSE ? END, "
+            "stage = ?, progress_done = COALESCE(?, progress_done), progress_total = COALESCE(?, progress_total), "
+            "progress_at = ? WHERE id = ?",
+            (stage, t, stage, done, total, t, job_id),
+        )
+
     def enqueue(self, key: str, pipeline: str, base_series_uid: str, overlay_series_uid: str) -> tuple[int, bool]:
         """Add a job unless one with the same inputs exists; returns ``(id, created)``."""
         with db.transaction(self.conn) as c:
@@ -220,8 +248,9 @@ class JobQueue:
                 return None
             c.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, lease_owner = ?,"
-                " lease_run = ?, lease_expires = ? WHERE id = ?",
-                (t, self.owner, self.run_id, t + self.lease_s, row["id"]),
+                " lease_run = ?, lease_expires = ?, stage = NULL, progress_done = NULL, progress_total = NULL,"
+                " stage_started_at = ?, progress_at = ? WHERE id = ?",
+                (t, self.owner, self.run_id, t + self.lease_s, t, t, row["id"]),
             )
             return Job.from_row(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
@@ -446,10 +475,12 @@ class Executor:
             self._queue.fail(job.id, reason, partial)
             log.error("job.failed", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, reason=reason,
                                                        trace=traceback.format_exc(limit=8)))
+            events.emit("job.failed", job_id=job.id, pipeline=job.pipeline, reason=reason, attempt=job.attempts)
             return True
         self._queue.finish(job.id, result)  # no-op when the run already marked it done with its outputs
         scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("job_id", "pipeline")}
         log.info("job.done", extra=logs.fields(job_id=job.id, pipeline=job.pipeline, **scalars))
+        events.emit("job.done", job_id=job.id, pipeline=job.pipeline, seconds=result.get("seconds") or {})
         return True
 
     def _loop(self) -> None:

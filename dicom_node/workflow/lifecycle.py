@@ -26,7 +26,7 @@ log = logging.getLogger("dicom_node.workflow.lifecycle")
 RESTART_KEYS: tuple[str, ...] = (
     "node.ae_title", "node.host", "node.port", "node.plain_enabled", "node.network_timeout_s", "node.tls",
     "node.artim_timeout_s", "storage", "workers", "device", "query_retrieve.enabled", "limits",
-    "logging.format", "logging.file", "logging.file_max_bytes", "logging.file_backup_count",
+    "logging.format", "logging.file", "logging.file_max_bytes", "logging.file_backup_count", "http", "notifications",
 )
 
 #: sections compared key by key (others as a whole)
@@ -74,7 +74,7 @@ def merge_live(old: NodeSettings, new: NodeSettings) -> Reload:
     log_keep = {k: getattr(old.logging, k) for k in ("format", "file", "file_max_bytes", "file_backup_count")}
     merged = new.model_copy(update={"node": new.node.model_copy(update=node_keep), "storage": old.storage,
                                     "workers": old.workers, "device": old.device, "query_retrieve": qr,
-                                    "limits": old.limits, "logging": new.logging.model_copy(update=log_keep)})
+                                    "limits": old.limits, "http": old.http, "notifications": old.notifications, "logging": new.logging.model_copy(update=log_keep)})
     return Reload(merged, [k for k in changed if k not in restart], restart)
 
 

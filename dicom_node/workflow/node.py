@@ -67,10 +67,19 @@ class Node:
                            uid_seed=seed, series_offset=offset)
         checkpoints = Checkpoints(self.jobs, job, self.store.root, seed)
         outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models, checkpoints,
-                               cancel=self.executor.cancel)
+                               cancel=self.executor.cancel,
+                               report=lambda stage, done, total: self._progress(job.id, stage, done, total))
+        self._progress(job.id, "store")
         result = self.deliver(job, outputs)
         checkpoints.discard_files()
         return result
+
+    def _progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None) -> None:
+        """Record a job's stage and slices (the status page's bar); a progress write must never cost the job."""
+        try:
+            self.jobs.set_progress(job_id, stage, done, total)
+        except Exception:
+            log.exception("job.progress.failed", extra=logs.fields(job_id=job_id, stage=stage))
 
     def deliver(self, job: Job, outputs: JobOutputs) -> dict[str, Any]:
         """Store a job's derived objects, queue them and mark the job done, all in one transaction.

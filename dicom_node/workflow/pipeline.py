@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,11 @@ from dicom_node.workflow.stages import DerivedObjects, JobError
 
 log = logging.getLogger("dicom_node.workflow.pipeline")
 
-__all__ = ["JobError", "JobInputs", "JobOutputs", "StageClock", "pipeline_named", "run_pipeline"]
+__all__ = ["JobError", "JobInputs", "JobOutputs", "StageClock", "StageProgress", "pipeline_named", "run_pipeline"]
+
+
+#: ``(stage, slices done, slices total)``; done/total are None outside the slice-by-slice stages
+StageProgress = Callable[[str, "int | None", "int | None"], None]
 
 
 @dataclass
@@ -33,9 +37,13 @@ class StageClock:
     """Seconds per stage, summed when a stage runs more than once."""
 
     seconds: dict[str, float]
+    #: told ``(stage, done, total)`` as the job goes: the job table's progress columns
+    report: StageProgress | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.report is not None:
+            self.report(name, None, None)
         t0 = time.perf_counter()
         try:
             yield
@@ -81,7 +89,7 @@ def _check(cancel: threading.Event | None, job_id: int, before: str) -> None:
 
 def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
                  models: dict[str, Any] | None = None, checkpoints: Checkpoints | None = None,
-                 cancel: threading.Event | None = None) -> JobOutputs:
+                 cancel: threading.Event | None = None, report: StageProgress | None = None) -> JobOutputs:
     """Run one job's stages; returns the derived objects and the result record.
 
     With ``checkpoints``, a registration or fused stack an earlier run of the
@@ -90,12 +98,14 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
     ``cancel`` is checked between stages and between fused slices; when set,
     :class:`JobInterrupted` is raised, so a SIGTERM costs at most one stage
     (what was checkpointed is kept for the restart).
+    ``report`` hears each stage as it starts and the fuse stage's slices as they
+    are done: the minutes of a large fusion are the ones an operator asks about.
     """
     from fusion.backend import resolve_device
     from fusion.environment import crash_point
 
     pipeline = pipeline_named(settings, job.pipeline)
-    clock = StageClock({})
+    clock = StageClock({}, report)
     result: dict[str, Any] = {"pipeline": pipeline.name}
 
     with clock.stage("load"):
@@ -137,6 +147,8 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
             log.info("pipeline.fuse.progress", extra=logs.fields(job_id=job.job_id, slices_done=done,
                                                                  slices_total=total))
             crash_point("fuse")
+            if report is not None:
+                report("fuse", done, total)
 
         _check(cancel, job.job_id, "fuse")
         with clock.stage("fuse"):

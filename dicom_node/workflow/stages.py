@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node import logs
+from dicom_node import events, logs
 from dicom_node.config import Pipeline
 from dicom_node.dicom.volume import GeometryError, Volume, load_series
 from dicom_node.errors import NodeError
@@ -168,6 +168,8 @@ def register(pair: LoadedPair, pipeline: Pipeline, qc_dir: Path, job_id: int) ->
         return out
     log.warning("pipeline.registration_doubtful", extra=logs.fields(
         job_id=job_id, policy=cfg.on_poor_quality, problems=quality.reason))
+    events.emit("registration.doubtful", job_id=job_id, pipeline=pipeline.name, policy=cfg.on_poor_quality,
+                problems=quality.reason, picture=picture)
     if cfg.on_poor_quality == "fail":
         raise JobError(
             f"registration rejected, nothing was sent: {quality.reason}. Check that the two series show the same "
