@@ -81,6 +81,7 @@ def _load_model_or_fail(feature_source: str, device: str) -> VGG16Features | Non
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from fusion import fuse
+    from fusion.allocator import keep_freed_memory
     from fusion.api import resolve_trio
     from fusion.imageio import read_image, write_image
 
@@ -88,6 +89,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         if not p.exists():
             raise CliError(f"input not found: {p}")
     a, b = read_image(args.base), read_image(args.overlay)
+    keep_freed_memory()
     model = _load_model_or_fail(args.feature_source, args.device) if args.method == "dmf" else None
     t0 = time.perf_counter()
     try:
@@ -180,7 +182,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from dicom_node.errors import NodeError
     from dicom_node.web.runtime import start_node
+    from fusion.allocator import keep_freed_memory
 
+    keep_freed_memory()  # before the worker threads start: docs/speed-vgg.md, "system time"
     settings = _settings(args)
     _configure_logs(args, settings)
     try:

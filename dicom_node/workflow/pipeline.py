@@ -167,5 +167,10 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
                   sc_series_uid=str(derived.sc[0].SeriesInstanceUID),
                   reg_sop_instance_uid=str(derived.reg.SOPInstanceUID), instances=len(derived.sc),
                   device=fused.device, version=job.version)
+    if fused.feature_source == "vgg" and fused.trio:
+        from fusion.gradients import resolve_precision
+
+        # the best path this machine has: bf16 convolutions where the CPU multiplies bf16 natively
+        result["vgg_precision"] = resolve_precision("auto", device)
     _check(cancel, job.job_id, "storing the derived objects")
     return JobOutputs(derived, result)
