@@ -249,15 +249,15 @@ def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict
     ``models`` caches the VGG16 model per device between jobs (loading it costs
     a second or two); ``progress(done, total)`` is called after each batch.
     """
-    from fusion.api import fuse_grey, merge_colour, resolve_trio, split_colour
+    from fusion.api import fuse_grey, merge_colour, resolve_trio, split_colour, uses_vgg
     from fusion.backend import to_device, to_numpy
     from fusion.errors import FusionError
     from fusion.intensity import to_uint8
 
     method = pipeline.method
-    trio = resolve_trio(pipeline.trio or None, prepared.other_modality) if method == "dmf" else ()
+    trio = resolve_trio(pipeline.trio or None, prepared.other_modality, method=method)
     model = None
-    if method == "dmf" and pipeline.feature_source == "vgg":
+    if uses_vgg(method, pipeline.feature_source):
         from fusion.features import load_vgg16
 
         try:
@@ -279,6 +279,12 @@ def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict
     return FusedStack(to_uint8(np.concatenate(parts)), method, tuple(trio), pipeline.feature_source, device)
 
 
+#: how a derivation description names a method that is not DMF (DMF names its trio and gradients)
+DERIVATION_NAMES = {
+    "faithful": "FAITHFUL (gradient-domain, max-anchored; fusion.methods.faithful)",
+}
+
+
 def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipeline: Pipeline,
            uid_root: str) -> DerivedObjects:
     """The fused Secondary Capture series and the Spatial Registration object, in the base's study."""
@@ -287,8 +293,11 @@ def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipe
 
     base, overlay = pair.base, pair.overlay
     description = sc_series_description(pipeline.name, base.modality, overlay.modality, registration.warning)
-    if fused.method == "dmf":
-        how = (f"DMF fusion of {overlay.modality} onto {base.modality}: "
+    if fused.method in DERIVATION_NAMES:
+        how = f"{DERIVATION_NAMES[fused.method]} fusion of {overlay.modality} onto {base.modality}"
+    elif fused.trio:
+        how = (f"{'DMF (paper trios)' if fused.method == 'dmf_paper' else 'DMF'} fusion of {overlay.modality} "
+               f"onto {base.modality}: "
                f"{'+'.join(m.upper() for m in fused.trio)} exposures, "
                f"{'VGG16 feature' if fused.feature_source == 'vgg' else 'image'} gradients")
     else:
