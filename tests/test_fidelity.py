@@ -46,6 +46,17 @@ def test_default_method_is_faithful_and_needs_no_vgg():
     assert resolve_trio(["cbf", "tif"], "CT", method="faithful") == ()
 
 
+def test_the_derivation_description_names_the_method():
+    from dicom_node.workflow.stages import FusedStack, fusion_derivation
+
+    px = np.zeros((1, 4, 4), np.uint8)
+    assert fusion_derivation(FusedStack(px, "faithful", (), "vgg", "cpu"), "PT", "MR").startswith(
+        "FAITHFUL (gradient-domain")
+    assert fusion_derivation(FusedStack(px, "dmf_paper", ("adf", "cbf", "fpde"), "vgg", "cpu"), "CT", "MR") == (
+        "DMF (paper trios) fusion of CT onto MR: ADF+CBF+FPDE exposures, VGG16 feature gradients")
+    assert fusion_derivation(FusedStack(px, "cbf", (), "vgg", "cpu"), "CT", "MR") == "CBF fusion of CT onto MR"
+
+
 def test_screened_poisson_returns_the_anchor_for_its_own_gradients():
     rng = np.random.default_rng(3)
     m = rng.random((2, 33, 47))

@@ -285,6 +285,18 @@ DERIVATION_NAMES = {
 }
 
 
+def fusion_derivation(fused: FusedStack, overlay_modality: str, base_modality: str) -> str:
+    """The Derivation Description's first part: which method fused what onto what (DMF: its trio too)."""
+    onto = f"fusion of {overlay_modality} onto {base_modality}"
+    if fused.method in DERIVATION_NAMES:
+        return f"{DERIVATION_NAMES[fused.method]} {onto}"
+    if fused.trio:
+        name = "DMF (paper trios)" if fused.method == "dmf_paper" else "DMF"
+        gradients = "VGG16 feature" if fused.feature_source == "vgg" else "image"
+        return f"{name} {onto}: {'+'.join(m.upper() for m in fused.trio)} exposures, {gradients} gradients"
+    return f"{fused.method.upper()} {onto}"
+
+
 def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipeline: Pipeline,
            uid_root: str) -> DerivedObjects:
     """The fused Secondary Capture series and the Spatial Registration object, in the base's study."""
@@ -293,15 +305,7 @@ def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipe
 
     base, overlay = pair.base, pair.overlay
     description = sc_series_description(pipeline.name, base.modality, overlay.modality, registration.warning)
-    if fused.method in DERIVATION_NAMES:
-        how = f"{DERIVATION_NAMES[fused.method]} fusion of {overlay.modality} onto {base.modality}"
-    elif fused.trio:
-        how = (f"{'DMF (paper trios)' if fused.method == 'dmf_paper' else 'DMF'} fusion of {overlay.modality} "
-               f"onto {base.modality}: "
-               f"{'+'.join(m.upper() for m in fused.trio)} exposures, "
-               f"{'VGG16 feature' if fused.feature_source == 'vgg' else 'image'} gradients")
-    else:
-        how = f"{fused.method.upper()} fusion of {overlay.modality} onto {base.modality}"
+    how = fusion_derivation(fused, overlay.modality, base.modality)
     derivation = how + (", rigid Mattes-MI registration" if pipeline.registration.enabled else ", not registered")
     sc = build_sc_series(base.headers, overlay.headers, fused.pixels, uid_root=uid_root,
                          series_description=description, derivation_description=derivation[:1024],
