@@ -241,7 +241,7 @@ def write_markdown(path: Path, results: dict, argv_text: str) -> None:
         for bar, value, thr, ok in r["checks"]:
             lines.append(f"| {bar} | {value:.3f} | {thr:.3f} | {value - thr:+.3f} | {'pass' if ok else '**FAIL**'} |")
         split = r["qabf_tune_vs_held_out"]["faithful"]
-        wins = ", ".join(f"{k} {v}/{r['n']}" for k, v in r["faithful_wins_per_pair"].items())
+        wins = ", ".join(f"{k} {v}" for k, v in r["faithful_wins_per_pair"].items())
         lines += ["", f"Q^AB/F of faithful on the tuning pairs (every 4th) {split['tune']:.3f}, on the held-out "
                   f"pairs {split['held_out']:.3f}. Pairs where faithful's Q^AB/F is higher: {wins}.", "",
                   f"![{subset}: MRI, overlay, paper DMF, faithful, max rule](fidelity-montage-{SHORT[subset]}.png)",
