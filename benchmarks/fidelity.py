@@ -201,9 +201,21 @@ NOTES = """## Reading these numbers
 - **Q^AB/F favours this method by construction**: it scores preserved gradient magnitude and
   orientation of each source, and faithful's target field is, per pixel, the stronger source
   gradient. Read its lead on Q^AB/F together with the bone/uptake checks and the montages, not alone.
-- **What is missed.** The MRI share of Q^AB/F on MRI-PET stays below CBF's (CBF keeps MRI detail by
-  leaving the PET dim: its uptake is kept at ~0.5); on MRI-CT SSIM sits ~0.03 below the max rule's
-  (the max rule copies one source exactly at every pixel, which SSIM against that source rewards).
+- **What is missed** (the FAIL rows and the edges): VIF on MRI-PET (0.765 against the max rule's
+  0.915; above CBF's 0.735) - the max rule copies the PET exactly wherever it is brighter, which VIF
+  against the PET rewards; the MRI share of Q^AB/F on MRI-PET (0.608 vs CBF 0.637) and, by 0.003,
+  on MRI-SPECT - CBF keeps more MRI detail by leaving the overlay dim (its uptake kept: 0.48 / 0.82);
+  on MRI-CT VIF and SSIM sit exactly at the stated margins below the max rule (0.05 and 0.03).
+- **What the montages show** (looked at by eye, pair 27 of each subset, 4x crops):
+  *MRI-CT*: paper DMF dims the skull to light grey with a doubled outline; faithful keeps the skull
+  as white as the CT, with a thin bright overshoot at its outer edge and faint grey lines inside the
+  bone band where the MRI has scalp/marrow edges; sulci and ventricles as on the MRI. Like the max
+  rule it lays the CT's speckled grey over MRI tissue darker than the CT brain (T2 white matter),
+  slightly less than the max rule. *MRI-PET*: the PET colours are kept (yellow stays yellow, the hot
+  cortex red); faithful draws the MRI's sulci as thin dark lines across the uptake, which the max rule
+  loses wherever the PET is brighter; DMF darkens red and yellow and widens the sulci. *MRI-SPECT*:
+  orange uptake kept bright, grey/white boundaries and CSF of the MRI visible through it; the max
+  rule shows flat orange over most of the brain; DMF is close to faithful, a little darker.
 - VIF and the paper's DMF run on a regular subsample of the pairs (table headings); the
   comparison with DMF uses the same pairs for both.
 """
