@@ -82,7 +82,7 @@ def _load_model_or_fail(feature_source: str, device: str) -> VGG16Features | Non
 def cmd_fuse(args: argparse.Namespace) -> int:
     from fusion import fuse
     from fusion.allocator import keep_freed_memory
-    from fusion.api import resolve_trio
+    from fusion.api import resolve_trio, uses_vgg
     from fusion.imageio import read_image, write_image
 
     for p in (args.base, args.overlay):
@@ -90,12 +90,12 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             raise CliError(f"input not found: {p}")
     a, b = read_image(args.base), read_image(args.overlay)
     keep_freed_memory()
-    model = _load_model_or_fail(args.feature_source, args.device) if args.method == "dmf" else None
+    model = _load_model_or_fail(args.feature_source, args.device) if uses_vgg(args.method, args.feature_source) else None
     t0 = time.perf_counter()
     try:
         # the library's rule: the overlay's modality when given, else colour = PET, grey = CT
-        trio = resolve_trio(args.trio, args.modality, colour=b.ndim == 3 and b.shape[-1] == 3)
-        out = fuse(a, b, method=args.method, trio=trio, device=args.device,
+        trio = resolve_trio(args.trio, args.modality, colour=b.ndim == 3 and b.shape[-1] == 3, method=args.method)
+        out = fuse(a, b, method=args.method, trio=trio or None, device=args.device,
                    feature_source=args.feature_source, model=model)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
@@ -575,7 +575,7 @@ class _Subparsers:
 def build_parser() -> argparse.ArgumentParser:
     from dicom_node import __version__
     from dicom_node.states import SeriesState
-    from fusion.api import fusion_methods
+    from fusion.api import DEFAULT_METHOD, fusion_methods
 
     p = argparse.ArgumentParser(prog="fusion-node", description=__doc__.splitlines()[0],
                                 epilog="exit status: 0 done, 1 unexpected error, 2 bad input, 3 missing resource "
@@ -590,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("base", type=Path, help="anatomical image (MRI)")
     f.add_argument("overlay", type=Path, help="CT, PET or SPECT image (colour kept in chroma)")
     f.add_argument("-o", "--output", type=Path, required=True, help="output .png (8-bit) or .npy (float32 0..1)")
-    f.add_argument("--method", default="dmf", type=str.lower, choices=fusion_methods(),
-                   help=f"fusion method (default dmf): {', '.join(fusion_methods())}")
+    f.add_argument("--method", default=DEFAULT_METHOD, type=str.lower, choices=fusion_methods(),
+                   help=f"fusion method (default {DEFAULT_METHOD}, docs/fidelity.md): {', '.join(fusion_methods())}")
     f.add_argument("--modality", type=str.upper, choices=("CT", "PT", "NM"), default=None,
                    help="the overlay's modality, which picks DMF's default trio "
                         "(default: PT for a colour overlay, CT for a grey one)")

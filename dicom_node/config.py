@@ -322,8 +322,9 @@ class Pipeline(_Model):
     #: a settled series whose partner has not settled after this long is given up (logged)
     partner_timeout_s: float = Field(3600.0, gt=0)
     destinations: list[str] = []
-    #: the fusion method: "dmf", or any method registered in fusion.methods (one module each)
-    method: str = "dmf"
+    #: the fusion method: "faithful" (default; keeps bone and uptake, docs/fidelity.md), "dmf",
+    #: "dmf_paper" (the paper's trios), or any method registered in fusion.methods (one module each)
+    method: str = "faithful"
     #: DMF exposures; empty = the default for the non-MR modality (fusion.api.resolve_trio)
     trio: list[str] = []
     feature_source: Literal["vgg", "image"] = "vgg"
@@ -940,10 +941,11 @@ name = "mr-ct"
 match = "study"
 partner_timeout_s = 3600
 destinations = ["pacs"]
-# The fusion method: "dmf", or any single method of fusion.methods
-# (adf, cbf, fpde, gfce, mdlatlrr, mgff, tif, wls; `fusion-node fuse --help` lists them).
-method = "dmf"
-# DMF exposures; [] = default per modality (CT: cbf,tif,wls; PET/SPECT: adf,cbf,tif; docs/quality.md)
+# The fusion method: "faithful" (default: gradient-domain, keeps bone and uptake;
+# docs/fidelity.md), "dmf", "dmf_paper" (the paper's DMF and trios), or any single method
+# of fusion.methods (adf, cbf, fpde, gfce, mdlatlrr, mgff, tif, wls; `fusion-node fuse --help`).
+method = "faithful"
+# DMF exposures (DMF methods only); [] = default per modality (CT: cbf,tif,wls; PET/SPECT: adf,cbf,tif; docs/quality.md)
 trio = []
 feature_source = "vgg"
 # CT window [centre, width] in HU; empty = from the CT header, else brain (40, 80)

@@ -147,7 +147,7 @@ def test_destination_kinds():
 def test_pipeline_method_is_any_registered_method():
     from fusion.methods import available
 
-    assert parse_config({"pipelines": [_pipeline()]}).pipelines[0].method == "dmf"
+    assert parse_config({"pipelines": [_pipeline()]}).pipelines[0].method == "faithful"
     for name in available():
         assert parse_config({"pipelines": [_pipeline(method=name.upper())]}).pipelines[0].method == name
     with pytest.raises(ConfigError, match="unknown fusion method 'nope'"):

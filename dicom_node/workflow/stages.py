@@ -251,15 +251,15 @@ def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict
     ``models`` caches the VGG16 model per device between jobs (loading it costs
     a second or two); ``progress(done, total)`` is called after each batch.
     """
-    from fusion.api import fuse_grey, merge_colour, resolve_trio, split_colour
+    from fusion.api import fuse_grey, merge_colour, resolve_trio, split_colour, uses_vgg
     from fusion.backend import to_device, to_numpy
     from fusion.errors import FusionError
     from fusion.intensity import to_uint8
 
     method = pipeline.method
-    trio = resolve_trio(pipeline.trio or None, prepared.other_modality) if method == "dmf" else ()
+    trio = resolve_trio(pipeline.trio or None, prepared.other_modality, method=method)
     model = None
-    if method == "dmf" and pipeline.feature_source == "vgg":
+    if uses_vgg(method, pipeline.feature_source):
         from fusion.features import load_vgg16
 
         try:
@@ -281,6 +281,24 @@ def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict
     return FusedStack(to_uint8(np.concatenate(parts)), method, tuple(trio), pipeline.feature_source, device)
 
 
+#: how a derivation description names a method that is not DMF (DMF names its trio and gradients)
+DERIVATION_NAMES = {
+    "faithful": "FAITHFUL (gradient-domain, max-anchored; fusion.methods.faithful)",
+}
+
+
+def fusion_derivation(fused: FusedStack, overlay_modality: str, base_modality: str) -> str:
+    """The Derivation Description's first part: which method fused what onto what (DMF: its trio too)."""
+    onto = f"fusion of {overlay_modality} onto {base_modality}"
+    if fused.method in DERIVATION_NAMES:
+        return f"{DERIVATION_NAMES[fused.method]} {onto}"
+    if fused.trio:
+        name = "DMF (paper trios)" if fused.method == "dmf_paper" else "DMF"
+        gradients = "VGG16 feature" if fused.feature_source == "vgg" else "image"
+        return f"{name} {onto}: {'+'.join(m.upper() for m in fused.trio)} exposures, {gradients} gradients"
+    return f"{fused.method.upper()} {onto}"
+
+
 def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipeline: Pipeline,
            uid_root: str, *, uid_seed: str | None = None, version: int = 1, series_offset: int = 0) -> DerivedObjects:
     """The fused Secondary Capture series and the Spatial Registration object, in the base's study.
@@ -299,12 +317,7 @@ def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipe
     name = pipeline.name if version <= 1 else f"{pipeline.name} v{version}"
     description = sc_series_description(name, base.modality, overlay.modality, registration.warning)
     reg_description = reg_series_description(name, base.modality, overlay.modality)
-    if fused.method == "dmf":
-        how = (f"DMF fusion of {overlay.modality} onto {base.modality}: "
-               f"{'+'.join(m.upper() for m in fused.trio)} exposures, "
-               f"{'VGG16 feature' if fused.feature_source == 'vgg' else 'image'} gradients")
-    else:
-        how = f"{fused.method.upper()} fusion of {overlay.modality} onto {base.modality}"
+    how = fusion_derivation(fused, overlay.modality, base.modality)
     derivation = how + (", rigid Mattes-MI registration" if pipeline.registration.enabled else ", not registered")
     if version > 1:
         derivation += f" (version {version})"
