@@ -36,8 +36,10 @@ class Check:
 
 
 def weights_needed(settings: NodeSettings) -> bool:
-    """A pipeline that fuses with DMF on VGG16 features cannot run without the weights."""
-    return any(p.method == "dmf" and p.feature_source == "vgg" for p in settings.pipelines)
+    """A pipeline that fuses with DMF on VGG16 features cannot run without the weights (FAITHFUL needs none)."""
+    from fusion.api import uses_vgg
+
+    return any(uses_vgg(p.method, p.feature_source) for p in settings.pipelines)
 
 
 def check_weights(settings: NodeSettings) -> Check:
