@@ -392,6 +392,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if not args.ids:
             raise CliError("name the job(s) to retry: `fusion-node jobs retry ID ...`")
         errors = []
+        unknown = [i for i in args.ids if jobs.get(i) is None]
+        if unknown:  # bad input (exit 2), not a refusal by the job's state (exit 1)
+            raise CliError(f"no job {', '.join(map(str, unknown))}; `fusion-node jobs list` shows the jobs")
         for job_id in args.ids:
             try:
                 again = retry_job(jobs, job_id, new_version=args.new_version)
