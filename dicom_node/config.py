@@ -323,6 +323,10 @@ class Pipeline(_Model):
     feature_source: Literal["vgg", "image"] = "vgg"
     #: CT window as [centre, width] in HU; empty = from the header, else a brain window
     ct_window: list[float] = []
+    #: DICOM standard palette (PS3.6 Annex B) for a PET/NM overlay: "hot_iron" or "pet"
+    palette: Literal["hot_iron", "pet"] = "hot_iron"
+    #: warn (job result, log) when the CT window shows more than this share of the body white or black
+    ct_saturation_warning: float = Field(0.5, gt=0, le=1)
     registration: RegistrationConfig = RegistrationConfig()
     #: an extra Called AE Title the node answers to for this pipeline; series sent to it are
     #: fused by this pipeline only from what arrived through it (unset = series sent to the node's own AE title)
@@ -646,6 +650,10 @@ trio = []
 feature_source = "vgg"
 # CT window [centre, width] in HU; empty = from the CT header, else brain (40, 80)
 ct_window = []
+# PET/NM colour: a DICOM standard palette, "hot_iron" or "pet" (PS3.6 Annex B)
+palette = "hot_iron"
+# Warn (job result, log) when the CT window shows more than this share of the body white or black
+ct_saturation_warning = 0.5
 # Optional own Called AE Title for this pipeline (unique, not the node's): series sent
 # to it are paired by this pipeline only with series that also arrived through it.
 # A pipeline without one takes series sent to the node's AE title, not those sent to another pipeline's.

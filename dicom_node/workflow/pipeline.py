@@ -89,6 +89,10 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
 
     with clock.stage("prepare"):
         prepared = stages.prepare(pair, registration, pipeline)
+    if prepared.warnings:
+        result.setdefault("warnings", []).extend(prepared.warnings)
+        for text in prepared.warnings:
+            log.warning("pipeline.display.warning", extra=logs.fields(job_id=job.job_id, warning=text))
 
     device = resolve_device(settings.device)
 
