@@ -1,7 +1,7 @@
 """Calibrate the left-right mirror test: its advantage figure on correct cases of several kinds (and, by its
 antisymmetry, on their mirrored copies); writes docs/mirror-calibration.json.
 
-    python benchmarks/mirror_calibration.py [--check-flipped]
+    python benchmarks/mirror_calibration.py [--check-flipped] [--only=head|body]
 
 Cases: head PET, head CT and head SPECT from the Harvard stacks (two real modalities, tests/registration_cases.py),
 the generated head phantom (CT + MR, with a lesion and a calcification off the midline), and body: the CIRS 057A
@@ -28,7 +28,10 @@ from fusion.registration.mirror import mirror_test
 from fusion.registration.quality import SimilarityProbe
 
 
-def cases(data: Path):
+def cases(data: Path, only: str = ""):
+    if only == "body":
+        yield from body_cases(data)
+        return
     for subset, stacks in rc.HARVARD_STACKS.items():
         for i in range(len(stacks)):
             c = rc.make_two_modality_case(data / "harvard", subset, i, 0)
@@ -41,6 +44,11 @@ def cases(data: Path):
         ct = load_series(sorted(ct_dir.iterdir())).image
         mr = load_series(sorted(mr_dir.iterdir())).image
     yield "head-phantom", "generated CT + MR", ct, mr
+    if only != "head":
+        yield from body_cases(data)
+
+
+def body_cases(data: Path):
     source, base = rc.cirs_base(str(data / "cirs057a"))
     for kind in ("ct", "pet"):
         for seed in (0, 1):
@@ -52,10 +60,11 @@ def cases(data: Path):
 
 def main() -> None:
     check_flipped = "--check-flipped" in sys.argv
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), "")
     data = ROOT.parent / "shared" / "data"
     rows = []
     t0 = time.perf_counter()
-    for kind, what, base, overlay in cases(data):
+    for kind, what, base, overlay in cases(data, only):
         probe = SimilarityProbe(base, overlay)
         m = mirror_test(probe, seed=1, threads=1)
         row = {"kind": kind, "case": what, **m.as_dict()}
@@ -67,7 +76,7 @@ def main() -> None:
     summary = {"cases": len(rows), "correct_max": float(adv.max()), "correct_min": float(adv.min()),
                "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(summary))
-    (ROOT / "docs" / "mirror-calibration.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    (ROOT / "docs" / f"mirror-calibration{'-' + only if only else ''}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":
