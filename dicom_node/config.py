@@ -284,7 +284,7 @@ class QualityConfig(_Model):
     check_flip: bool = True
     #: the mirrored overlay must fit better by more than this relative advantage (mean of its ECC and gradient
     #: correlation ratios - 1, both orientations registered alike) to count as flipped (docs/registration.md)
-    flip_margin: float = Field(0.03, ge=0)
+    flip_margin: float = Field(0.04, ge=0)
 
 
 class RegistrationConfig(_Model):
@@ -694,5 +694,5 @@ min_sharpness = 0.10        # similarity drop 8 mm / 6 deg away from the result
 max_rotation_deg = 30.0
 max_travel_fraction = 0.25  # optimiser travel / smaller volume diagonal
 check_flip = true           # compare with the overlay mirrored left-right
-flip_margin = 0.03          # relative lead of the mirrored fit that counts as flipped
+flip_margin = 0.04          # relative lead of the mirrored fit that counts as flipped
 """

@@ -69,7 +69,7 @@ COARSE_MM = 3.0
 #: joint histogram bins per image for the similarity
 BINS = 32
 #: default relative margin of the mirror test (docs/registration.md, "Mirror test")
-FLIP_MARGIN = 0.03
+FLIP_MARGIN = 0.04
 
 
 @dataclass(frozen=True)
