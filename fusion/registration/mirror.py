@@ -45,9 +45,12 @@ import SimpleITK as sitk
 
 from fusion.registration.rigid import RegistrationError, RegistrationParams, register_rigid
 
-#: the mirror test's registration of each orientation (on the ~3 mm copies: 12, 6, 3 mm levels)
-MIRROR_PARAMS = {"shrink_factors": (4, 2, 1), "smoothing_sigmas": (6.0, 3.0, 1.5), "sampling": 0.1,
-                 "min_samples": 20000, "iterations": 300, "working_spacing_mm": None, "histogram_bins": 32}
+
+def mirror_params(seed: int, threads: int | None) -> RegistrationParams:
+    """The mirror test's registration of each orientation (on the ~3 mm copies: 12, 6, 3 mm levels)."""
+    return RegistrationParams(shrink_factors=(4, 2, 1), smoothing_sigmas=(6.0, 3.0, 1.5), sampling=0.1,
+                              min_samples=20000, iterations=300, working_spacing_mm=None, histogram_bins=32,
+                              seed=seed, threads=threads)
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def mirror_test(probe: object, seed: int, threads: int | None) -> MirrorTest:
 
     assert isinstance(probe, SimilarityProbe)
     t0 = time.perf_counter()
-    params = RegistrationParams(**MIRROR_PARAMS, seed=seed, threads=threads)  # type: ignore[arg-type]
+    params = mirror_params(seed, threads)
     fits = []
     for p in (probe, probe.mirrored()):
         try:
@@ -152,6 +155,6 @@ def score(probe: object, matrix: np.ndarray) -> MirrorFit:
     mfg = sitk.GetArrayFromImage(
         sitk.Resample(probe._mmask, probe.fixed, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
     fixed = sitk.GetArrayFromImage(probe.fixed).astype(np.float64)
-    spacing = tuple(float(s) for s in probe.fixed.GetSpacing()[::-1])
-    grad = gradient_correlation(fixed, moved.astype(np.float64), probe._fmask | mfg, spacing)  # type: ignore[arg-type]
+    sx, sy, sz = (float(v) for v in probe.fixed.GetSpacing())
+    grad = gradient_correlation(fixed, moved.astype(np.float64), probe._fmask | mfg, (sz, sy, sx))
     return MirrorFit(float(ecc_value), grad, np.asarray(matrix, dtype=np.float64))
