@@ -288,8 +288,9 @@ class QualityConfig(_Model):
     max_travel_fraction: float = Field(0.25, gt=0)
     #: compare with the overlay mirrored left-right (a flipped series is never fixed by the optimiser)
     check_flip: bool = True
-    #: the mirrored overlay must fit better by more than this similarity to count as flipped
-    flip_margin: float = Field(0.03, ge=0)
+    #: the mirrored overlay must fit better by more than this relative advantage (mean of its ECC and gradient
+    #: correlation ratios - 1, both orientations registered alike) to count as flipped (docs/registration.md)
+    flip_margin: float = Field(0.04, ge=0)
 
 
 class RegistrationConfig(_Model):
@@ -330,6 +331,10 @@ class Pipeline(_Model):
     feature_source: Literal["vgg", "image"] = "vgg"
     #: CT window as [centre, width] in HU; empty = from the header, else a brain window
     ct_window: list[float] = []
+    #: DICOM standard palette (PS3.6 Annex B) for a PET/NM overlay: "hot_iron" or "pet"
+    palette: Literal["hot_iron", "pet"] = "hot_iron"
+    #: warn (job result, log) when the CT window shows more than this share of the body white or black
+    ct_saturation_warning: float = Field(0.5, gt=0, le=1)
     registration: RegistrationConfig = RegistrationConfig()
     #: an extra Called AE Title the node answers to for this pipeline; series sent to it are
     #: fused by this pipeline only from what arrived through it (unset = series sent to the node's own AE title)
@@ -950,6 +955,10 @@ trio = []
 feature_source = "vgg"
 # CT window [centre, width] in HU; empty = from the CT header, else brain (40, 80)
 ct_window = []
+# PET/NM colour: a DICOM standard palette, "hot_iron" or "pet" (PS3.6 Annex B)
+palette = "hot_iron"
+# Warn (job result, log) when the CT window shows more than this share of the body white or black
+ct_saturation_warning = 0.5
 # Optional own Called AE Title for this pipeline (unique, not the node's): series sent
 # to it are paired by this pipeline only with series that also arrived through it.
 # A pipeline without one takes series sent to the node's AE title, not those sent to another pipeline's.
@@ -989,5 +998,5 @@ min_sharpness = 0.10        # similarity drop 8 mm / 6 deg away from the result
 max_rotation_deg = 30.0
 max_travel_fraction = 0.25  # optimiser travel / smaller volume diagonal
 check_flip = true           # compare with the overlay mirrored left-right
-flip_margin = 0.03
+flip_margin = 0.04          # relative lead of the mirrored fit that counts as flipped
 """

@@ -173,7 +173,8 @@ def output_seed(job: Job, pipeline: Any) -> str:
     a changed parameter or an explicit new version gives new ones.
     """
     params = {"method": pipeline.method, "trio": list(pipeline.trio), "feature_source": pipeline.feature_source,
-              "ct_window": list(pipeline.ct_window), "registration": pipeline.registration.model_dump(mode="json")}
+              "ct_window": list(pipeline.ct_window), "palette": pipeline.palette,
+              "registration": pipeline.registration.model_dump(mode="json")}
     doc = json.dumps({"rule": OUTPUT_RULE, "key": job.key, "pipeline": job.pipeline, "params": params,
                       "version": job.version}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()

@@ -141,6 +141,10 @@ def run_pipeline(job: JobInputs, settings: NodeSettings, qc_dir: Path,
         _check(cancel, job.job_id, "prepare")
         with clock.stage("prepare"):
             prepared = stages.prepare(pair, registration, pipeline)
+        if prepared.warnings:
+            result.setdefault("warnings", []).extend(prepared.warnings)
+            for text in prepared.warnings:
+                log.warning("pipeline.display.warning", extra=logs.fields(job_id=job.job_id, warning=text))
 
         def progress(done: int, total: int) -> None:
             _check(cancel, job.job_id, f"fusing slice {done + 1} of {total}")

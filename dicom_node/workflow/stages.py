@@ -102,6 +102,8 @@ class PreparedStacks:
     anatomical: np.ndarray
     other: np.ndarray
     other_modality: str
+    #: what a reader should know about the display (a CT window saturating most of the body); job result "warnings"
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,12 +145,19 @@ def register(pair: LoadedPair, pipeline: Pipeline, qc_dir: Path, job_id: int) ->
     "fail"`` (the figures go with it, ``JobError.result``); under ``"warn"`` it
     comes back with ``warning`` set.
     """
+    from dicom_node.dicom.orientation import header_doubts
     from fusion.errors import FusionError
     from fusion.registration.quality import QualityThresholds, assess_registration
     from fusion.registration.rigid import RegistrationParams, register_rigid
 
+    # what the headers say about left and right: a doubt is a problem like a figure outside its limit
+    doubts = header_doubts(pair.base.headers, pair.overlay.headers)
     if not pipeline.registration.enabled:
-        return Registration(tuple(tuple(float(v) for v in r) for r in np.eye(4)))
+        off = Registration(tuple(tuple(float(v) for v in r) for r in np.eye(4)))
+        if not doubts:
+            return off
+        return _doubtful(off, {"ok": False, "problems": doubts, "header_doubts": doubts}, ["ORIENTATION?"],
+                         pipeline, job_id, None)
     params = RegistrationParams.from_mapping(pipeline.registration.model_dump())
     try:
         reg = register_rigid(pair.base.image, pair.overlay.image, params)
@@ -162,23 +171,35 @@ def register(pair: LoadedPair, pipeline: Pipeline, qc_dir: Path, job_id: int) ->
     cfg = pipeline.registration
     quality = assess_registration(pair.base.image, pair.overlay.image, reg,
                                   QualityThresholds.from_mapping(cfg.quality.model_dump()))
-    out = Registration(tuple(tuple(float(v) for v in r) for r in reg.matrix), figures, quality.as_dict(),
-                       None, picture)
-    if quality.ok:
+    qdict = quality.as_dict()
+    tags = list(quality.tags)
+    if doubts:
+        qdict.update(ok=False, problems=[*qdict["problems"], *doubts], header_doubts=doubts)
+        tags.insert(1 if quality.flipped else 0, "ORIENTATION?")
+    out = Registration(tuple(tuple(float(v) for v in r) for r in reg.matrix), figures, qdict, None, picture)
+    if qdict["ok"]:
         return out
+    return _doubtful(out, qdict, tags, pipeline, job_id, picture)
+
+
+def _doubtful(out: Registration, quality: dict[str, Any], tags: list[str], pipeline: Pipeline, job_id: int,
+              picture: str | None) -> Registration:
+    """Apply ``on_poor_quality`` to a doubtful registration: raise (``"fail"``) or mark it (``"warn"``)."""
+    cfg = pipeline.registration
+    reason = "; ".join(quality["problems"])
     log.warning("pipeline.registration_doubtful", extra=logs.fields(
-        job_id=job_id, policy=cfg.on_poor_quality, problems=quality.reason))
+        job_id=job_id, policy=cfg.on_poor_quality, problems=reason))
     events.emit("registration.doubtful", job_id=job_id, pipeline=pipeline.name, policy=cfg.on_poor_quality,
-                problems=quality.reason, picture=picture)
+                problems=reason, picture=picture)
     if cfg.on_poor_quality == "fail":
         raise JobError(
-            f"registration rejected, nothing was sent: {quality.reason}. Check that the two series show the same "
+            f"registration rejected, nothing was sent: {reason}. Check that the two series show the same "
             "body part of the same patient and that their orientation headers are right; to send such results "
             f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}"
             + (f"; the check sheet is {picture}" if picture else ""),
             result={"pipeline": pipeline.name, **out.as_result()},
         )
-    return Registration(out.matrix, out.figures, out.quality, quality.warning, out.picture)
+    return Registration(out.matrix, out.figures, quality, " ".join(tags[:2]) or None, out.picture)
 
 
 def _check_sheet(pair: LoadedPair, reg: Any, pipeline: Pipeline, qc_dir: Path, job_id: int) -> str | None:
@@ -204,12 +225,32 @@ def _check_sheet(pair: LoadedPair, reg: Any, pipeline: Pipeline, qc_dir: Path, j
         return None
 
 
-def _colourise(grey: np.ndarray) -> np.ndarray:
-    """PET/SPECT on 0..1 to RGB with a hot-iron style ramp (black-red-yellow-white)."""
-    r = np.clip(grey * 2.0, 0, 1)
-    g = np.clip(grey * 2.0 - 0.5, 0, 1)
-    b = np.clip(grey * 4.0 - 3.0, 0, 1)
-    return np.stack([r, g, b], axis=-1).astype(np.float32)
+def _colourise(grey: np.ndarray, palette: str = "hot_iron") -> np.ndarray:
+    """PET/SPECT on 0..1 to RGB through the pipeline's DICOM standard palette (Hot Iron or PET)."""
+    from dicom_node.dicom.palette import colourise
+
+    return colourise(grey, palette).astype(np.float32)
+
+
+def _shows_colour(*modalities: str) -> bool:
+    return any(m in COLOUR_MODALITIES for m in modalities)
+
+
+def ct_window_warnings(vol: Volume, hu: np.ndarray, window: Any, pipeline: Pipeline) -> list[str]:
+    """A sentence when the CT window shows more than ``ct_saturation_warning`` of the body white or black."""
+    from fusion.display import window_saturation
+    from fusion.intensity import CT_BRAIN_WINDOW
+
+    if vol.modality != "CT":
+        return []
+    c, w = (float(v) for v in (window or CT_BRAIN_WINDOW))
+    sat = window_saturation(hu, c, w)
+    side, share = sat.worst()
+    if share <= pipeline.ct_saturation_warning:
+        return []
+    return [f"the CT window {c:g}/{w:g} HU shows {share:.0%} of the body {side} (more than "
+            f"{pipeline.ct_saturation_warning:.0%}): the fused image shows little of the CT there; set ct_window "
+            f"= [centre, width] in pipeline {pipeline.name!r} (e.g. [40, 400] soft tissue, [400, 1800] bone)"]
 
 
 def prepare(pair: LoadedPair, registration: Registration, pipeline: Pipeline) -> PreparedStacks:
@@ -235,13 +276,16 @@ def prepare(pair: LoadedPair, registration: Registration, pipeline: Pipeline) ->
 
     base_n = normalise_for_modality(base_arr, base.modality, ct_window=ct_window(base), units=base.units)
     over_n = normalise_for_modality(over_arr, overlay.modality, ct_window=ct_window(overlay), units=overlay.units)
+    # the saturation is judged on the CT as acquired (the overlay's own voxels, not its resampled copy)
+    warnings = [*ct_window_warnings(base, base_arr, ct_window(base), pipeline),
+                *ct_window_warnings(overlay, sitk.GetArrayViewFromImage(overlay.image), ct_window(overlay), pipeline)]
     if base.modality in ANATOMICAL or overlay.modality not in ANATOMICAL:
         a, b, other_modality = base_n, over_n, overlay.modality
     else:
         a, b, other_modality = over_n, base_n, base.modality
     if other_modality in COLOUR_MODALITIES:
-        b = _colourise(b)
-    return PreparedStacks(a.astype(np.float32), b.astype(np.float32), other_modality)
+        b = _colourise(b, pipeline.palette)
+    return PreparedStacks(a.astype(np.float32), b.astype(np.float32), other_modality, tuple(warnings))
 
 
 def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict[str, Any] | None = None,
@@ -319,6 +363,10 @@ def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipe
     reg_description = reg_series_description(name, base.modality, overlay.modality)
     how = fusion_derivation(fused, overlay.modality, base.modality)
     derivation = how + (", rigid Mattes-MI registration" if pipeline.registration.enabled else ", not registered")
+    if _shows_colour(base.modality, overlay.modality):
+        from dicom_node.dicom.palette import PALETTE_NAMES
+
+        derivation += f", colour: DICOM {PALETTE_NAMES[pipeline.palette]} palette"
     if version > 1:
         derivation += f" (version {version})"
     base0 = base.headers[0]
