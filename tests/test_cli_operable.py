@@ -184,11 +184,12 @@ def test_jobs_and_outbox_tables_and_json(tmp_path):
     shown = cli("jobs", "show", "2", "--config", cfg)
     assert shown.stdout.startswith("job 2: queued") and "base     CT/3" in shown.stdout
     assert json.loads(cli("jobs", "show", "2", "--json", "--config", cfg).stdout)["id"] == 2
-    # the outbox: one line per destination, job and state, not one per instance
+    # the outbox: one line per destination, job, series and state, not one per instance
     grouped = cli("outbox", "list", "--config", cfg)
     header, *rows = grouped.stdout.splitlines()
-    assert header.split()[:4] == ["DESTINATION", "JOB", "STATE", "ITEMS"] and len(rows) == 1
-    assert rows[0].split()[:4] == ["pacs", "1", "pending", "5"] and " 1-5" in rows[0]
+    assert header.split()[:4] == ["DESTINATION", "JOB", "STATE", "ITEMS"] and len(rows) == 2  # the fixture's 2 series
+    assert [r.split()[:4] for r in rows] == [["pacs", "1", "pending", "3"], ["pacs", "1", "pending", "2"]]
+    assert " 1-3 " in rows[0] and " 4-5 " in rows[1]
     per_instance = json.loads(cli("outbox", "list", "--instances", "--json", "--config", cfg).stdout)
     assert len(per_instance) == 5 and {i["state"] for i in per_instance} == {"pending"}
 

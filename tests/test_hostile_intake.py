@@ -258,8 +258,6 @@ def test_hostile_corpus(run, check):
     check(run)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 defect 6, the network half (branch intake-net): pydicom and "
-                                       "pynetdicom loggers quote raw values (an invalid UID that is a patient ID)")
 def test_canary_not_in_third_party_log_lines(run):
     leaked = _leaks(run, own=False)
     assert not leaked, leaked[:5]

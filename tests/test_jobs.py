@@ -194,7 +194,7 @@ def test_cli_jobs_retry_guards_and_counters(tmp_path, capsys):
     q.ensure_schema()
     job_id, _ = q.enqueue("k", "p", "b", "o")
     q.claim()
-    assert main(["jobs", "retry", "42", "--config", str(cfg)]) == 1
+    assert main(["jobs", "retry", "42", "--config", str(cfg)]) == 2  # an unknown id is bad input
     assert "no job 42" in capsys.readouterr().err
     assert main(["jobs", "retry", str(job_id), "--config", str(cfg)]) == 1
     assert "is running" in capsys.readouterr().err
@@ -204,11 +204,14 @@ def test_cli_jobs_retry_guards_and_counters(tmp_path, capsys):
     assert main(["jobs", "retry", str(job_id), "--new-version", "--config", str(cfg)]) == 0
     assert "version 2" in capsys.readouterr().out
     assert main(["jobs", "list", "--config", str(cfg)]) == 0
-    line = capsys.readouterr().out
-    assert "queued" in line and "v2" in line and "interrupted=0" in line and "retried=1" in line
-    assert main(["jobs", "show", str(job_id), "--config", str(cfg)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    cells = dict(zip(header.split(), row.split()))
+    assert cells["STATE"] == "queued" and cells["VER"] == "2" and cells["INTERRUPTED"] == "0" and cells["RETRIED"] == "1"
+    assert main(["jobs", "show", str(job_id), "--json", "--config", str(cfg)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == 2 and shown["retries"] == 1 and shown["interruptions"] == 0 and "lease" in shown
+    assert main(["jobs", "show", str(job_id), "--config", str(cfg)]) == 0
+    assert "version 2" in capsys.readouterr().out
 
 
 def test_checkpoints_resume_only_the_same_job_version_and_parameters(tmp_path):

@@ -179,9 +179,11 @@ port = {port}
         assert len(ob.list(state="dead")) == 4
     assert main(["outbox", "list", "--config", str(tmp_path / "node.toml")]) == 0
     out = capsys.readouterr().out
-    assert f"pacs         dead         4  {series}  last error: " in out
+    (row,) = [line for line in out.splitlines() if line.startswith("pacs") and " dead " in line]
+    assert row.split()[2:4] == ["dead", "4"] and series in row and "connection failed" in row
+    assert "4 dead letter(s) in 1 series" in out
     hint = f"fusion-node outbox retry --series {series} --destination pacs"
-    assert f"retry: {hint}" in out and "destination pacs failing since" in out
+    assert f"  {hint}" in out and "destination pacs failing since" in out
     argv = hint.split()[1:] + ["--config", str(tmp_path / "node.toml")]
     assert main(argv) == 0
     assert "4 item(s) due again" in capsys.readouterr().out

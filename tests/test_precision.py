@@ -28,7 +28,7 @@ def _fused(subset: str, precision: str, model) -> np.ndarray:
     other = load_image(pair.other)
     b = ((other if other.ndim == 2 else other.mean(-1))[crop].astype(np.float32) / 255)[None]
     ex = np.stack([get_method(m)(a, b) for m in ("cbf", "tif", "wls")])
-    mag, phi = exposure_gradients(ex, "vgg", model=model, precision=precision)  # type: ignore[arg-type]
+    mag, phi = exposure_gradients(ex, "vgg", model=model, precision=precision)  # type: ignore[arg-type]  # a str from the parametrisation
     return np.round(np.clip(dmf_blend(ex, dmf_weights(ex, mag, phi, DMFParams())), 0, 1) * 255)
 
 

@@ -10,7 +10,7 @@ def _settings(tmp_path, **extra):
 
     return parse_config({"storage": {"root": str(tmp_path)},
                          "pipelines": [{"name": "mr-ct", "destinations": [], "base": {"modality": ["CT"]},
-                                        "overlay": {"modality": ["MR"]}}], **extra})
+                                        "overlay": {"modality": ["MR"]}, "method": "dmf"}], **extra})
 
 
 def test_missing_weights_make_the_node_not_ready(tmp_path, monkeypatch):

@@ -424,7 +424,7 @@ def test_pipeline_policy_fails_or_warns_visibly(fixed, mr_like, tmp_path):
         register(LoadedPair(volume(fixed, "CT"), volume(flipped, "MR")), Pipeline.model_validate(rule), tmp_path, 7)
     text = err.value.operator_message
     assert "registration rejected" in text and "left-right" in text and "on_poor_quality" in text
-    assert "margin 0.03" in text  # the threshold is named with the measured figure
+    assert "margin 4.0%" in text  # the threshold is named with the measured figure
     kept = err.value.result  # kept on the failed job (jobs.Executor)
     assert kept["registration_quality"]["ok"] is False and kept["registration_quality"]["problems"]
     assert kept["registration_picture"].endswith("job-7-registration.png") and "check sheet" in text
