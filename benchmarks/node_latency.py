@@ -1,6 +1,7 @@
 """Wall time of the node on a real pair, stage by stage, from the first image received to the fused series stored.
 
-    python benchmarks/node_latency.py [--sample cirs|synthetic] [--feature-source vgg|image] [--quiet 5]
+    python benchmarks/node_latency.py [--sample cirs|synthetic] [--method faithful|dmf|dmf_paper|...]
+                                      [--feature-source vgg|image] [--quiet 5]
 
 Starts a node and a local destination (an in-process Storage SCP standing in
 for the PACS), sends the pair with DCMTK ``storescu`` (pynetdicom when DCMTK
@@ -12,7 +13,8 @@ is absent), and reads the timings back from the database and the job result:
 - load, register, resample, normalise, fuse, encode (+ store): the job's own stages
 - send: job finished to the last instance acknowledged by the destination
 
-Appends a table to ``docs/node-latency.md``.
+Also the process's peak RSS (the node and its job; ``ru_maxrss``).  Appends a table to
+``docs/node-latency.md``.
 """
 
 from __future__ import annotations
@@ -38,12 +40,18 @@ from fusion_demo.samples import shared_dir, write_synthetic_pair
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", choices=("cirs", "synthetic"), default="cirs")
+    ap.add_argument("--method", default=None, help="the pipeline's fusion method (default: the node's default)")
     ap.add_argument("--feature-source", choices=("vgg", "image"), default="vgg")
     ap.add_argument("--quiet", type=float, default=5.0, help="settle quiet period, s")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "node-latency.md")
     args = ap.parse_args(argv)
 
+    import resource
+
+    from fusion.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `fusion-node serve` does
     work = Path(tempfile.mkdtemp(prefix="fusion-latency-"))
     if args.sample == "cirs":
         folders, match = [shared_dir() / "data" / "cirs057a" / "CT", shared_dir() / "data" / "cirs057a" / "MR"], "rule"
@@ -57,7 +65,7 @@ def main(argv=None) -> int:
         "settle": {"quiet_seconds": args.quiet, "sweep_interval_s": 0.5},
         "destinations": [{"name": "pacs", "ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}],
         "pipelines": [{"name": "ct-mr", "match": match, "destinations": ["pacs"],
-                       "feature_source": args.feature_source,
+                       "feature_source": args.feature_source, **({"method": args.method} if args.method else {}),
                        "base": {"modality": ["CT"]}, "overlay": {"modality": ["MR"]}}],
     })
     node = Node(settings).start()
@@ -89,11 +97,16 @@ def main(argv=None) -> int:
     stages += [(name, secs) for name, secs in r["seconds"].items()]
     stages += [("send to destination", sent_at - job_row["finished_at"])]
     total = sent_at - last
-    lines = [f"\n## {args.sample} pair, {args.feature_source} gradients, device {r['device']}, quiet period {args.quiet:g} s "
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    method = r.get("method", "?")
+    how = f"{args.feature_source} gradients, " if r.get("trio") else ""
+    cmd = f"--method {args.method} " if args.method else ""
+    lines = [f"\n## {args.sample} pair, method {method}, {how}device {r['device']}, quiet period {args.quiet:g} s "
              f"({time.strftime('%Y-%m-%d')})\n",
-             f"Command: `python benchmarks/node_latency.py --sample {args.sample} --feature-source {args.feature_source} "
-             f"--quiet {args.quiet:g}`; {r['instances']} fused images; registration moved the overlay "
-             f"{r.get('translation_mm')} mm, {r.get('rotation_deg')} deg.\n",
+             f"Command: `python benchmarks/node_latency.py --sample {args.sample} {cmd}--feature-source "
+             f"{args.feature_source} --quiet {args.quiet:g}`; {r['instances']} fused images; registration moved the "
+             f"overlay {r.get('translation_mm')} mm, {r.get('rotation_deg')} deg; peak RSS of the node process "
+             f"{peak_mb:.0f} MB" + (f"; VGG precision {r['vgg_precision']}" if r.get("vgg_precision") else "") + ".\n",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {secs:.2f} |" for name, secs in stages]
     lines.append(f"| **last image received -> fused series stored at the destination** | **{total:.1f}** |")

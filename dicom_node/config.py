@@ -114,6 +114,12 @@ class NodeConfig(_Model):
     max_associations: int = Field(10, ge=1)
     #: seconds without traffic before an association is aborted
     network_timeout_s: float = Field(60.0, gt=0)
+    #: seconds a new connection has for its TLS handshake and its A-ASSOCIATE-RQ (PS3.8 ARTIM);
+    #: a connection that sends nothing in that time is closed and never holds an association slot
+    artim_timeout_s: float = Field(10.0, gt=0)
+    #: SIGTERM: stop listening, let open associations finish and the running job reach a stage
+    #: boundary for at most this long, then exit (the job is queued again; docs/operations.md)
+    shutdown_timeout_s: float = Field(10.0, gt=0)
     tls: NodeTLS = NodeTLS()
 
     _ae = field_validator("ae_title")(_check_ae)
@@ -282,8 +288,9 @@ class QualityConfig(_Model):
     max_travel_fraction: float = Field(0.25, gt=0)
     #: compare with the overlay mirrored left-right (a flipped series is never fixed by the optimiser)
     check_flip: bool = True
-    #: the mirrored overlay must fit better by more than this similarity to count as flipped
-    flip_margin: float = Field(0.03, ge=0)
+    #: the mirrored overlay must fit better by more than this relative advantage (mean of its ECC and gradient
+    #: correlation ratios - 1, both orientations registered alike) to count as flipped (docs/registration.md)
+    flip_margin: float = Field(0.04, ge=0)
 
 
 class RegistrationConfig(_Model):
@@ -316,13 +323,18 @@ class Pipeline(_Model):
     #: a settled series whose partner has not settled after this long is given up (logged)
     partner_timeout_s: float = Field(3600.0, gt=0)
     destinations: list[str] = []
-    #: the fusion method: "dmf", or any method registered in fusion.methods (one module each)
-    method: str = "dmf"
+    #: the fusion method: "faithful" (default; keeps bone and uptake, docs/fidelity.md), "dmf",
+    #: "dmf_paper" (the paper's trios), or any method registered in fusion.methods (one module each)
+    method: str = "faithful"
     #: DMF exposures; empty = the default for the non-MR modality (fusion.api.resolve_trio)
     trio: list[str] = []
     feature_source: Literal["vgg", "image"] = "vgg"
     #: CT window as [centre, width] in HU; empty = from the header, else a brain window
     ct_window: list[float] = []
+    #: DICOM standard palette (PS3.6 Annex B) for a PET/NM overlay: "hot_iron" or "pet"
+    palette: Literal["hot_iron", "pet"] = "hot_iron"
+    #: warn (job result, log) when the CT window shows more than this share of the body white or black
+    ct_saturation_warning: float = Field(0.5, gt=0, le=1)
     registration: RegistrationConfig = RegistrationConfig()
     #: an extra Called AE Title the node answers to for this pipeline; series sent to it are
     #: fused by this pipeline only from what arrived through it (unset = series sent to the node's own AE title)
@@ -374,9 +386,18 @@ class Pipeline(_Model):
 
 
 class OutboxConfig(_Model):
-    max_attempts: int = Field(6, ge=1)
+    """Retries are bounded by time, not by count: a PACS maintenance window must never need an operator."""
+
+    #: keep retrying an item this long after its first failed attempt, then it is dead (24 h)
+    retry_for_s: float = Field(86400.0, gt=0)
+    #: also dead after this many attempts; 0 = no count limit (``retry_for_s`` alone decides)
+    max_attempts: int = Field(0, ge=0)
+    #: wait before the second attempt (s); doubles per attempt up to ``backoff_max_s``
     backoff_initial_s: float = Field(5.0, gt=0)
-    backoff_max_s: float = Field(600.0, gt=0)
+    #: longest wait between two attempts (s): after an outage, delivery resumes at most this long later
+    backoff_max_s: float = Field(300.0, gt=0)
+    #: a destination failing this long logs ``outbox.destination.down`` once (and ``.up`` when it recovers)
+    alert_after_s: float = Field(600.0, gt=0)
 
 
 class QueryRetrieveConfig(_Model):
@@ -387,6 +408,172 @@ class QueryRetrieveConfig(_Model):
     #: names of [[destinations]] a C-MOVE may send to; empty = every destination.  A C-MOVE to any other
     #: AE title is refused (0xA801): the node never sends patient data to an address a caller made up
     move_destinations: list[str] = []
+    #: calling AE titles that may query and retrieve.  Q/R lists every patient the node holds, so callers
+    #: are named, not assumed: with allowed_addresses also empty, nobody may (Q/R contexts are rejected)
+    allowed_callers: list[str] = []
+    #: peer IP addresses or networks that may query and retrieve; a caller must match every list that is set
+    allowed_addresses: list[str] = []
+
+    _callers = field_validator("allowed_callers")(_check_ae_list)
+    _addresses = field_validator("allowed_addresses")(_check_networks)
+
+
+class RetentionConfig(_Model):
+    """What the node may delete (dicom_node/workflow/retention.py): only what is fused and delivered, or given up."""
+
+    #: run the purge periodically in ``serve``; false = only ``fusion-node purge`` deletes
+    enabled: bool = True
+    #: how often the node runs the purge (s)
+    interval_s: float = Field(600.0, gt=0)
+    #: received series whose fusions are done and delivered are kept this long after their last instance (days)
+    received_max_age_days: float = Field(7.0, ge=0)
+    #: derived (fused, REG) series are kept this long after they were delivered to every destination (days)
+    derived_max_age_days: float = Field(7.0, ge=0)
+    #: series never fused (unmatched, partner timed out, or their job failed) are kept this long (days)
+    unfused_max_age_days: float = Field(14.0, ge=0)
+    #: below this share of free disk space, eligible series are purged oldest first regardless of age (percent)
+    min_free_percent: float = Field(10.0, ge=0, le=100)
+    #: below this share of free disk space, C-STORE is refused with 0xA700 (out of resources) (percent)
+    reserve_free_percent: float = Field(3.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionConfig:
+        if self.reserve_free_percent > self.min_free_percent:
+            raise ValueError("reserve_free_percent must not exceed min_free_percent (the purge watermark), "
+                             "or the node refuses studies before it tries to make room")
+        return self
+
+
+class LimitsConfig(_Model):
+    """Decoding limits at intake (dicom_node/dicom/validation.py): larger instances are refused with 0xA700.
+
+    The defaults hold every CT, MR, PET and NM image (512-1024 pixels square,
+    multi-frame series up to the instance limit) and screen captures up to
+    4096 x 4096; the node's peak memory is bounded by about
+    ``decode_concurrency x 4 x max_frame_bytes`` above its idle size
+    (docs/reliability.md, "Intake: hostile input and memory").
+    """
+
+    #: largest frame accepted, in pixels (Rows x Columns); the frame header of a compressed stream is checked too
+    max_frame_pixels: int = Field(4096 * 4096, ge=1)
+    #: largest decoded frame in bytes (Rows x Columns x SamplesPerPixel x BitsAllocated / 8)
+    max_frame_bytes: int = Field(64 << 20, ge=1)
+    #: largest received instance (the file as sent) in bytes
+    max_instance_bytes: int = Field(1 << 30, ge=1)
+    #: largest dataset after inflating a Deflated transfer syntax, in bytes (inflated to disk, never to memory)
+    max_inflated_bytes: int = Field(1 << 30, ge=1)
+    #: pixel-data decodes running at once over all associations (each frame of each instance is decoded at intake)
+    decode_concurrency: int = Field(2, ge=1)
+    #: seconds a C-STORE waits for a free decode slot before it is refused with 0xA700 (the sender retries)
+    decode_wait_s: float = Field(30.0, gt=0)
+
+
+class LoggingConfig(_Model):
+    """Where the node's log goes and how it reads (dicom_node/logs.py); ``--log-level`` overrides ``level``."""
+
+    #: DEBUG, INFO, WARNING or ERROR
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: "auto" = a human console format on a terminal, JSON lines otherwise; "json" or "console" force one
+    format: Literal["auto", "json", "console"] = "auto"
+    #: also write JSON lines to this file (relative to the config file), rotated by size; unset = no file
+    file: Path | None = None
+    #: rotate the file when it reaches this many bytes
+    file_max_bytes: int = Field(50_000_000, ge=10_000)
+    #: rotated files kept beside it (node.log.1 ... node.log.N)
+    file_backup_count: int = Field(10, ge=1)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper_level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpConfig(_Model):
+    """The HTTP side (dicom_node/web): health, readiness, metrics, JSON API, status page.
+
+    Bound to this machine by default; bound elsewhere it refuses to start
+    without a bearer token, because the API shows UIDs and can retry jobs.
+    """
+
+    #: serve HTTP beside the DICOM listener (`fusion-node serve` prints its URL)
+    enabled: bool = True
+    #: 127.0.0.1 = this machine only; any other address needs token or token_file
+    host: str = "127.0.0.1"
+    #: 0 = any free port (tests)
+    port: int = Field(8104, ge=0, le=65535)
+    #: bearer token asked of every request but /healthz and /readyz; prefer token_file
+    token: str | None = None
+    #: a file holding only the token, readable by the node's user
+    token_file: Path | None = None
+    #: PEM certificate (chain) and unencrypted key: serve HTTPS instead of HTTP
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: /readyz says not ready when the store's file system has less free space than this (MiB)
+    disk_reserve_mb: int = Field(1024, ge=0)
+    #: seconds between C-ECHO checks of the destinations (cached; a probe never waits on a PACS)
+    check_interval_s: float = Field(60.0, gt=0)
+    #: seconds the status page waits before it reloads itself
+    refresh_s: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _protected(self) -> HttpConfig:
+        if self.enabled and not _is_loopback(self.host) and self.token is None and self.token_file is None:
+            raise ValueError(f"http.host {self.host!r} is reachable from other machines, and no token is set; "
+                             "set token_file (a file holding a long random token) or bind host = \"127.0.0.1\"")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("set both certificate and private_key (HTTPS), or neither")
+        return self
+
+
+#: what a notification can be about
+NotificationEvent = Literal["job_failed", "dead_letter", "registration_doubtful", "destination_down", "destination_up"]
+NOTIFICATION_EVENTS: tuple[str, ...] = ("job_failed", "dead_letter", "registration_doubtful", "destination_down",
+                                        "destination_up")
+
+
+class Notification(_Model):
+    """One receiver of notifications: a webhook (HTTP POST of JSON) or e-mail over SMTP.
+
+    Payloads carry UIDs, counts and the node's messages, never patient names or
+    IDs.  A receiver that cannot be reached is logged; the node carries on.
+    """
+
+    name: str
+    kind: Literal["webhook", "email"] = "webhook"
+    #: which events this receiver hears
+    events: list[NotificationEvent] = list(NOTIFICATION_EVENTS)  # type: ignore[arg-type]  # the same strings, typed
+    #: webhook: the URL the JSON is POSTed to
+    url: str | None = None
+    #: webhook: bearer token sent with each POST; prefer token_file
+    token: str | None = None
+    token_file: Path | None = None
+    #: seconds to wait for the receiver (webhook or SMTP server)
+    timeout_s: float = Field(10.0, gt=0)
+    #: e-mail: the SMTP server (no authentication; a local relay is the usual set-up)
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    #: e-mail: upgrade the SMTP connection with STARTTLS
+    starttls: bool = False
+    #: e-mail: From address and recipients
+    sender: str = "fusion-node@localhost"
+    recipients: list[str] = []
+
+    @model_validator(mode="after")
+    def _complete(self) -> Notification:
+        if self.kind == "webhook" and not self.url:
+            raise ValueError(f"notification {self.name!r} is a webhook without url; set url = \"https://...\"")
+        if self.kind == "email" and not self.recipients:
+            raise ValueError(f"notification {self.name!r} sends e-mail to nobody; set recipients = [\"ops@example.org\"]")
+        return self
 
 
 class NodeSettings(_Model):
@@ -399,6 +586,13 @@ class NodeSettings(_Model):
     pipelines: list[Pipeline] = []
     outbox: OutboxConfig = OutboxConfig()
     query_retrieve: QueryRetrieveConfig = QueryRetrieveConfig()
+    retention: RetentionConfig = RetentionConfig()
+    #: decoding limits applied to every received instance
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    http: HttpConfig = HttpConfig()
+    #: who hears of failed jobs, dead letters, doubtful registrations and destinations down
+    notifications: list[Notification] = []
     #: parallel fusion jobs (each uses the GPU or all cores)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -481,7 +675,16 @@ def parse_config(raw: dict, base_dir: Path | None = None, source: str = "config"
         if db is not None and not db.is_absolute():
             db = base_dir / db
         cfg = cfg.model_copy(update={"storage": StorageConfig(root=root, database=db)})
+        cfg = _log_file_path(cfg, base_dir)
     return _tls_files(cfg, base_dir, source)
+
+
+def _log_file_path(cfg: NodeSettings, base_dir: Path) -> NodeSettings:
+    """The log file relative to the config file's folder, like every other path in it."""
+    file = cfg.logging.file
+    if file is None or file.is_absolute():
+        return cfg
+    return cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"file": base_dir / file})})
 
 
 _TLS_FILE_KEYS = ("certificate", "private_key", "ca_certificates")
@@ -530,7 +733,12 @@ def _tls_files(cfg: NodeSettings, base_dir: Path | None, source: str) -> NodeSet
         elif d.tls is not None:
             d = d.model_copy(update={"tls": _tls_paths(d.tls, f"destinations.{i}.tls", base_dir, source, owner=owner)})
         destinations.append(d)
-    return cfg.model_copy(update={"node": node, "destinations": destinations})
+    http = _tls_paths(cfg.http, "http", base_dir, source, check=cfg.http.enabled,
+                      keys=("certificate", "private_key", "token_file"))
+    notifications = [_tls_paths(n, f"notifications.{i}", base_dir, source, keys=("token_file",))
+                     for i, n in enumerate(cfg.notifications)]
+    return cfg.model_copy(update={"node": node, "destinations": destinations, "http": http,
+                                  "notifications": notifications})
 
 
 EXAMPLE_TOML = """\
@@ -565,6 +773,12 @@ require_called_ae = true
 # local limit exceeded) and the caller retries later.
 max_associations = 10
 network_timeout_s = 60
+# Seconds a new connection has to finish its TLS handshake and send its A-ASSOCIATE-RQ;
+# silent connections are closed after this and never take one of max_associations.
+artim_timeout_s = 10
+# SIGTERM: stop accepting, let open associations and the running job's stage finish for
+# at most this long, then exit 0 (an interrupted job is queued again for the restart).
+shutdown_timeout_s = 10
 
 # DICOM TLS (BCP 195 profile, TLS 1.2 or newer) on a second port beside the plain one.
 # Paths are relative to this file's folder; files are checked when the node starts.
@@ -591,15 +805,109 @@ sweep_interval_s = 2
 use_announced_count = true
 
 [outbox]
-max_attempts = 6
+# Retries are bounded by time: keep trying an item for retry_for_s (24 h) after its
+# first failure, waiting backoff_initial_s doubling up to backoff_max_s between tries;
+# then it is dead (`fusion-node outbox list`, `fusion-node outbox retry --series UID`).
+retry_for_s = 86400
+max_attempts = 0          # 0 = no count limit; time alone decides
 backoff_initial_s = 5
-backoff_max_s = 600
+backoff_max_s = 300
+# A destination failing this long logs outbox.destination.down once (.up when back).
+alert_after_s = 600
+
+# What the node deletes, and when (docs/operations.md, Retention). Only series that are
+# fused and delivered, or never fused and past their own limit; never one a queued or
+# running job or an undelivered outbox item needs. `fusion-node purge --dry-run` shows it.
+[retention]
+enabled = true
+interval_s = 600
+received_max_age_days = 7
+derived_max_age_days = 7
+unfused_max_age_days = 14
+# Free disk below min_free_percent: purge eligible series oldest first, whatever their age.
+min_free_percent = 10.0
+# Free disk below reserve_free_percent: refuse C-STORE with 0xA700 (out of resources).
+reserve_free_percent = 3.0
 
 # Query/Retrieve for workstations: C-FIND, C-GET, and C-MOVE to known destinations.
 [query_retrieve]
 enabled = true
 # Names of [[destinations]] a C-MOVE may send to; empty = every destination.
 move_destinations = []
+# Who may query and retrieve, on top of [node] allowed_callers / allowed_addresses (storage).
+# Q/R shows every patient the node holds, so nobody may until a list is set: name the
+# workstations' AE titles and/or addresses, e.g. ["WS01"] and ["10.20.30.0/24"]; a caller
+# must match every list that is set. Others still store and echo, but their Q/R
+# presentation contexts are rejected.
+allowed_callers = []
+allowed_addresses = []
+
+# Decoding limits at intake: every received instance is decoded (all frames) before
+# it is acknowledged; larger ones are refused with 0xA700 and the reason in the log.
+[limits]
+# Largest frame in pixels (Rows x Columns), 4096 x 4096; compressed frame headers are checked too.
+max_frame_pixels = 16777216
+# Largest decoded frame in bytes (64 MiB).
+max_frame_bytes = 67108864
+# Largest received instance in bytes (1 GiB).
+max_instance_bytes = 1073741824
+# Largest dataset after inflating Deflated Explicit VR Little Endian (1 GiB, inflated to disk).
+max_inflated_bytes = 1073741824
+# Pixel decodes at once over all associations; peak memory grows by about
+# decode_concurrency x 4 x max_frame_bytes (docs/reliability.md).
+decode_concurrency = 2
+# Seconds a C-STORE waits for a decode slot before it is refused with 0xA700.
+decode_wait_s = 30
+
+# The node's log: JSON lines (one object per line, a stable "event" name) for journald,
+# docker and log shippers; a human console format on a terminal. `--log-level` overrides level.
+[logging]
+level = "INFO"
+# auto = console format on a terminal, JSON otherwise; or "json" / "console"
+format = "auto"
+# Also write JSON lines to a file (relative to this file's folder), rotated by size:
+# file = "logs/node.log"
+file_max_bytes = 50000000
+file_backup_count = 10
+
+# The HTTP side: /healthz, /readyz, /metrics (Prometheus), the JSON API under /api,
+# and the status page at /. Bound to this machine by default; any other host needs a
+# token (the node refuses to start without one), asked as "Authorization: Bearer ..."
+# of every request but /healthz and /readyz (a browser may pass ?token=... once).
+[http]
+enabled = true
+host = "127.0.0.1"
+port = 8104
+# token_file = "secrets/http-token"     # a file holding only the token, readable by the node's user
+# token = "..."                          # or the token itself (prefer token_file)
+# certificate = "tls/http-cert.pem"     # serve HTTPS: PEM certificate (chain) and its key
+# private_key = "tls/http-key.pem"
+# /readyz fails below this much free space (MiB) under [storage] root.
+disk_reserve_mb = 1024
+# Destinations are checked with C-ECHO this often (seconds); /readyz shows the last answer.
+check_interval_s = 60
+# The status page reloads itself this often (seconds).
+refresh_s = 10
+
+# Who hears of trouble: one block per receiver. Events: job_failed, dead_letter,
+# registration_doubtful, destination_down, destination_up. Payloads carry UIDs and
+# counts, never patient names or IDs; a receiver that fails is logged, the node goes on.
+# [[notifications]]
+# name = "ops-webhook"
+# kind = "webhook"                       # POST of a JSON object to url
+# url = "https://chat.example.org/hooks/fusion"
+# token_file = "secrets/webhook-token"   # optional: sent as "Authorization: Bearer ..."
+# events = ["job_failed", "dead_letter", "registration_doubtful", "destination_down", "destination_up"]
+# timeout_s = 10
+# [[notifications]]
+# name = "ops-mail"
+# kind = "email"                         # plain-text mail through an SMTP relay (no login)
+# smtp_host = "localhost"
+# smtp_port = 25
+# starttls = false
+# sender = "fusion-node@localhost"
+# recipients = ["radiology-it@example.org"]
+# events = ["job_failed", "dead_letter"]
 
 # Where fused series go. Add one block per PACS or workstation.
 # kind = "dicom" (C-STORE, the default) or "dicomweb" (STOW-RS, see below).
@@ -638,14 +946,19 @@ name = "mr-ct"
 match = "study"
 partner_timeout_s = 3600
 destinations = ["pacs"]
-# The fusion method: "dmf", or any single method of fusion.methods
-# (adf, cbf, fpde, gfce, mdlatlrr, mgff, tif, wls; `fusion-node fuse --help` lists them).
-method = "dmf"
-# DMF exposures; [] = default per modality (CT: cbf,tif,wls; PET/SPECT: adf,cbf,tif; docs/quality.md)
+# The fusion method: "faithful" (default: gradient-domain, keeps bone and uptake;
+# docs/fidelity.md), "dmf", "dmf_paper" (the paper's DMF and trios), or any single method
+# of fusion.methods (adf, cbf, fpde, gfce, mdlatlrr, mgff, tif, wls; `fusion-node fuse --help`).
+method = "faithful"
+# DMF exposures (DMF methods only); [] = default per modality (CT: cbf,tif,wls; PET/SPECT: adf,cbf,tif; docs/quality.md)
 trio = []
 feature_source = "vgg"
 # CT window [centre, width] in HU; empty = from the CT header, else brain (40, 80)
 ct_window = []
+# PET/NM colour: a DICOM standard palette, "hot_iron" or "pet" (PS3.6 Annex B)
+palette = "hot_iron"
+# Warn (job result, log) when the CT window shows more than this share of the body white or black
+ct_saturation_warning = 0.5
 # Optional own Called AE Title for this pipeline (unique, not the node's): series sent
 # to it are paired by this pipeline only with series that also arrived through it.
 # A pipeline without one takes series sent to the node's AE title, not those sent to another pipeline's.
@@ -685,5 +998,5 @@ min_sharpness = 0.10        # similarity drop 8 mm / 6 deg away from the result
 max_rotation_deg = 30.0
 max_travel_fraction = 0.25  # optimiser travel / smaller volume diagonal
 check_flip = true           # compare with the overlay mirrored left-right
-flip_margin = 0.03
+flip_margin = 0.04          # relative lead of the mirrored fit that counts as flipped
 """

@@ -30,29 +30,62 @@ DEFAULT_TRIOS = {
 DEFAULT_TRIO = DEFAULT_TRIOS["CT"]
 DEFAULT_LAYERS = ("relu1_2", "relu2_2")
 
+#: the paper's trios (El-Shafai & Azar 2025): ADF+CBF+FPDE for MRI-CT, TIF+WLS+LatLRR for
+#: MRI-PET/SPECT; ``dmf_paper`` uses them with the paper's weights (DMFParams defaults)
+PAPER_TRIOS = {
+    "CT": ("adf", "cbf", "fpde"),
+    "PT": ("tif", "wls", "mdlatlrr"),
+    "NM": ("tif", "wls", "mdlatlrr"),
+}
+
+#: the default of ``fuse``, ``fusion-node fuse`` and a pipeline's ``method``: gradient-domain
+#: fusion anchored on the brighter source, which keeps bone and uptake (docs/fidelity.md)
+DEFAULT_METHOD = "faithful"
+#: the DMF variants: ``dmf`` = the paper's weights on the measured-best trios (DEFAULT_TRIOS),
+#: ``dmf_paper`` = the paper's weights on the paper's trios (PAPER_TRIOS)
+DMF_METHODS = ("dmf", "dmf_paper")
+
+
+def is_dmf(method: str) -> bool:
+    """Whether ``method`` is one of the DMF variants (it then takes a trio and a feature source)."""
+    return method.lower() in DMF_METHODS
+
+
+def uses_vgg(method: str, feature_source: str = "vgg") -> bool:
+    """Whether fusing with ``method`` needs the VGG16 weights (only DMF with VGG features does).
+
+    The node and the CLI load, and check, the weights only then: the default method needs none.
+    """
+    return is_dmf(method) and feature_source == "vgg"
+
 
 #: what an overlay is taken to be when nobody says: colour images are PET/SPECT renderings, grey ones CT
 ASSUMED_COLOUR_MODALITY = "PT"
 ASSUMED_GREY_MODALITY = "CT"
 
 
-def default_trio(modality: str) -> tuple[str, ...]:
+def default_trio(modality: str, method: str = "dmf") -> tuple[str, ...]:
     """The DMF trio for fusing an MRI with ``modality`` (DICOM code: CT, PT, NM; others get CT's)."""
-    return DEFAULT_TRIOS.get(modality.upper(), DEFAULT_TRIO)
+    table = PAPER_TRIOS if method.lower() == "dmf_paper" else DEFAULT_TRIOS
+    return table.get(modality.upper(), table["CT"])
 
 
-def resolve_trio(trio: Sequence[str] | None, modality: str | None = None, colour: bool = False) -> tuple[str, ...]:
+def resolve_trio(trio: Sequence[str] | None, modality: str | None = None, colour: bool = False,
+                 method: str = "dmf") -> tuple[str, ...]:
     """The one default-trio rule of the library, the CLI and the node.
 
-    An explicit ``trio`` wins.  Else the default for the overlay's ``modality``
+    An explicit ``trio`` wins.  Else the default of ``method`` (``dmf``: the
+    measured trios, ``dmf_paper``: the paper's) for the overlay's ``modality``
     (DICOM code: CT, PT, NM); when the modality is not known, a colour overlay is
-    taken as PET and a grey one as CT.
+    taken as PET and a grey one as CT.  Methods other than DMF take no trio: ``()``.
     """
+    if not is_dmf(method):
+        return ()
     if trio:
         return tuple(m.lower() for m in trio)
     if modality is None:
         modality = ASSUMED_COLOUR_MODALITY if colour else ASSUMED_GREY_MODALITY
-    return default_trio(modality)
+    return default_trio(modality, method)
 
 
 @dataclass
@@ -123,15 +156,15 @@ def merge_colour(fused_y: Any, chroma: Any) -> Any:
 
 
 def fusion_methods() -> list[str]:
-    """Every name ``fuse``/``fuse_grey`` take as ``method``: ``dmf`` and the registered single methods."""
-    return ["dmf", *available_methods()]
+    """Every name ``fuse``/``fuse_grey`` take as ``method``: the DMF variants and the registered methods."""
+    return [*DMF_METHODS, *available_methods()]
 
 
 def fuse_grey(
     a: Any,
     b: Any,
     *,
-    method: str = "dmf",
+    method: str = DEFAULT_METHOD,
     trio: Sequence[str] = DEFAULT_TRIO,
     feature_source: FeatureSource = "vgg",
     model: Any = None,
@@ -139,7 +172,7 @@ def fuse_grey(
 ) -> Any:
     """Fuse two registered grey stacks ``(S, H, W)`` on 0..1 with ``method``, on their own device."""
     name = method.lower()
-    if name == "dmf":
+    if is_dmf(name):
         return dmf_stack(a, b, trio=trio, feature_source=feature_source, model=model, params=params).fused
     if name in available_methods():
         return get_method(name)(a, b)
@@ -149,7 +182,7 @@ def fuse_grey(
 def fuse(
     a: Any,
     b: Any,
-    method: str = "dmf",
+    method: str = DEFAULT_METHOD,
     trio: Sequence[str] | None = None,
     device: str = "auto",
     feature_source: FeatureSource = "vgg",
@@ -161,8 +194,9 @@ def fuse(
 
     ``a``/``b``: ``(H, W)``, ``(S, H, W)``, or with a trailing RGB axis; integer
     images are scaled by their dtype's range, floats are taken as 0..1.  The two
-    must already be registered and of equal size.  ``method`` is ``"dmf"`` or any
-    single method of ``fusion.methods``.  ``trio`` (DMF's exposures) defaults by
+    must already be registered and of equal size.  ``method`` is ``"faithful"``
+    (the default, docs/fidelity.md), ``"dmf"``/``"dmf_paper"`` or any single method
+    of ``fusion.methods``.  ``trio`` (DMF's exposures) defaults by
     :func:`resolve_trio` from ``modality``, the overlay's DICOM modality (CT, PT,
     NM), or from whether ``b`` is colour.  Returns float32 on 0..1, grey of the
     input's shape, or RGB when either input is colour, as NumPy unless the input
@@ -170,7 +204,7 @@ def fuse(
     """
     return_gpu = is_gpu_array(a)
     dev = resolve_device(device)
-    trio = resolve_trio(trio, modality, colour=_is_rgb(b))
+    trio = resolve_trio(trio, modality, colour=_is_rgb(b), method=method) or DEFAULT_TRIO
     a, b, chroma = split_colour(to_unit(to_device(a, dev)), to_unit(to_device(b, dev)))
     single = a.ndim == 2
     a3, b3 = (a[None], b[None]) if single else (a, b)

@@ -43,6 +43,11 @@ SWITCHES: tuple[Switch, ...] = (
            "they are absent (make test sets it)", "tests"),
     Switch("FUSION_VIFB_ALL", "1 = check every VIFB metric value, not a sample", "tests"),
     Switch("FUSION_REFERENCE_FULL", "1 = compare every reference pair of the slow methods, not a subset", "tests"),
+    Switch("FUSION_CRASH_AT", "test only (tests/test_faults.py): the node kills itself with SIGKILL at a named "
+           "point, `point` or `point:N` (the N-th time): receive (an instance stored, not yet answered), register "
+           "(registration starting), fuse (after the first fused batch), stage (derived files being written), "
+           "publish (inside the transaction that makes a derived series visible, before its commit), send (after "
+           "the first instance sent); never set it on a real node", "tests"),
 )
 
 _NAMES = {s.name for s in SWITCHES}
@@ -86,3 +91,46 @@ def latlrr_model() -> Path | None:
 def shared_dir() -> Path:
     value = raw("FUSION_SHARED_DIR")
     return Path(value) if value else _REPO_PARENT / "shared"
+
+
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Die here, as ``kill -9`` would, when ``FUSION_CRASH_AT`` names this point (fault-injection tests only).
+
+    It lets a test hit a window a few milliseconds wide (between a file and its
+    index row, inside a transaction) every time, instead of racing an external
+    kill against the node.  Unset, it costs one dictionary lookup.
+    """
+    value = raw("FUSION_CRASH_AT")
+    if not value:
+        return
+    point, _, nth = value.partition(":")
+    if point != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] >= int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def child_environment(pythonpath: Path | None = None, **switches: str | None) -> dict[str, str]:
+    """This process's environment for a child process, with ``switches`` set (None: removed).
+
+    For tests that start the node as a real process: ``pythonpath`` puts a
+    checkout first on the path, the switches (only names of :data:`SWITCHES`)
+    e.g. ``FUSION_CRASH_AT``.
+    """
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH", "")) if p)
+    for name, value in switches.items():
+        if name not in _NAMES:
+            raise KeyError(f"{name} is not a documented switch; add it to fusion.environment.SWITCHES")
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env

@@ -59,7 +59,7 @@ def _pairs(max_pairs: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def run_pair_demo(out: Path, device: str = "auto", max_pairs: int = 2) -> int:
     from PIL import Image
 
-    from fusion.api import DEFAULT_TRIO, dmf_stack, merge_colour, split_colour
+    from fusion.api import DEFAULT_METHOD, default_trio, dmf_stack, fuse_grey, merge_colour, split_colour
     from fusion.backend import resolve_device, to_device, to_numpy
     from fusion.intensity import to_uint8, to_unit
     from fusion.preview import montage
@@ -68,26 +68,31 @@ def run_pair_demo(out: Path, device: str = "auto", max_pairs: int = 2) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, source = _prepare_model(dev)
     pairs = _pairs(max_pairs)
-    print(f"Fusing {len(pairs)} sample pair(s) with DMF ({'+'.join(DEFAULT_TRIO)}, {source} gradients) on {dev}", flush=True)
+    print(f"Fusing {len(pairs)} sample pair(s) with the default {DEFAULT_METHOD} and, beside it, the paper's DMF "
+          f"(paper trios, {source} gradients) on {dev}", flush=True)
     for i, (name, mri, other) in enumerate(pairs, 1):
         t0 = time.perf_counter()
         a, b, chroma = split_colour(to_unit(to_device(mri, dev)), to_unit(to_device(other, dev)))
-        res = dmf_stack(a[None], b[None], feature_source=source, model=model)
-        fused = to_numpy(merge_colour(res.fused[0], chroma))
+        trio = default_trio("CT" if name.startswith(("MRI_CT", "SYNTHETIC")) else "PT", "dmf_paper")
+        res = dmf_stack(a[None], b[None], trio=trio, feature_source=source, model=model)
+        fused = to_numpy(merge_colour(fuse_grey(a[None], b[None], method=DEFAULT_METHOD)[0], chroma))
+        paper = to_numpy(merge_colour(res.fused[0], chroma))
         exposures = [to_numpy(merge_colour(e[0], chroma)) for e in res.exposures]
         weights = [to_numpy(w[0]) for w in res.weights]
         fused_png = out / f"{name}_fused.png"
         Image.fromarray(to_uint8(fused)).save(fused_png)
-        rows = [[mri, other, *exposures, fused], [np.zeros_like(weights[0]), np.zeros_like(weights[0]), *weights, np.zeros_like(weights[0])]]
-        labels = [["MRI", name.split("_")[1], *[m.upper() for m in DEFAULT_TRIO], "DMF"],
-                  ["", "", *[f"weight {m.upper()}" for m in DEFAULT_TRIO], ""]]
+        blank = np.zeros_like(weights[0])
+        rows = [[mri, other, *exposures, paper, fused], [blank, blank, *weights, blank, blank]]
+        labels = [["MRI", name.split("_")[1], *[m.upper() for m in trio], "paper DMF", f"{DEFAULT_METHOD} (default)"],
+                  ["", "", *[f"DMF weight {m.upper()}" for m in trio], "", ""]]
         montage_png = out / f"{name}_montage.png"
         montage(rows, labels).save(montage_png)
         seconds = time.perf_counter() - t0
         log.debug("demo.pair.done", extra=logs.fields(pair=name, seconds=round(seconds, 3), source=source))
         print(f"[{i}/{len(pairs)}] {name}: {seconds:.1f} s -> {fused_png.name}, {montage_png.name}", flush=True)
-    print(f"\nDone. Open the PNGs in {out.resolve()}/ (the *_montage.png files show inputs, the three "
-          "exposures, the DMF result and its weight maps).")
+    print(f"\nDone. Open the PNGs in {out.resolve()}/ (*_fused.png: the default {DEFAULT_METHOD}; the "
+          "*_montage.png files show the inputs, the paper DMF's three exposures, its result and weight maps, "
+          "and the default beside it).")
     return 0
 
 

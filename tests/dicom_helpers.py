@@ -294,7 +294,7 @@ class RunningSCP:
         from dicom_node.net.query_retrieve import QueryRetrieveService
         from dicom_node.net.storage_scp import StorageService
 
-        services = [StorageService(store)] + ([QueryRetrieveService(cfg, store)] if query_retrieve else [])
+        services = [StorageService(store, cfg.limits)] + ([QueryRetrieveService(cfg, store)] if query_retrieve else [])
         self.cfg, self.store = cfg, store
         self.listener = Listener(cfg, services).start()
 

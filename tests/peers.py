@@ -20,14 +20,17 @@ class OrthancServer:
     """Orthanc on loopback ports of its own; ``dicomweb=True`` loads the DICOMweb plugin at /dicom-web/.
 
     ``users`` ({name: password}) turns HTTP Basic authentication on (REST and DICOMweb alike).
+    ``ports`` (DICOM, HTTP) reuses the ports of a stopped server on the same ``workdir``: the PACS back
+    after an outage, with what it had stored.
     """
 
-    def __init__(self, workdir: Path, *, dicomweb: bool = False, users: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, *, dicomweb: bool = False, users: dict[str, str] | None = None,
+                 ports: tuple[int, int] | None = None):
         if not Path(ORTHANC).exists():
             pytest.skip("Orthanc is not installed (apt-get install orthanc; `make test` does it)")
         if dicomweb and not Path(DICOMWEB_PLUGIN).exists():
             pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
-        self.dicom_port, self.http_port = free_port(), free_port()
+        self.dicom_port, self.http_port = ports or (free_port(), free_port())
         self.users = dict(users or {})
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = {
@@ -40,7 +43,12 @@ class OrthancServer:
             "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         }
         (workdir / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = open(workdir / "orthanc.log", "w")
+        self.workdir = workdir
+        self.log = open(workdir / "orthanc.log", "a")
+        self._launch()
+
+    def _launch(self) -> None:
+        workdir = self.workdir
         self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -69,10 +77,20 @@ class OrthancServer:
     def sop_instance_uids(self) -> set[str]:
         return {self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in self.get("/instances")}
 
-    def stop(self) -> None:
+    def down(self) -> None:
+        """Stop the PACS, keeping its ports, database and log for :meth:`up` (a maintenance window)."""
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
+
+    def up(self) -> None:
+        """Start the PACS again on the same ports with the same database."""
+        self._launch()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.down()
         self.log.close()

@@ -8,6 +8,7 @@ rejection primitive's result/source/reason).
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import subprocess
 import time
@@ -230,10 +231,15 @@ def test_ip_allow_list(make_server, capture, allowed, accepted):
         assert assoc.is_established
         assoc.release()
         return
-    assert_dcmtk_rejected(proc, REJECT_ADDRESS)
-    assert rejection_of(associate(server.port)) == REJECT_ADDRESS
-    (rj, _) = capture("scp.association.rejected")
-    assert rj["rule"] == "address" and "127.0.0.1" in rj["reason"] and "node.allowed_addresses" in rj["reason"]
+    # dropped at accept: no thread, no association, no A-ASSOCIATE-RJ (a stranger learns nothing)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Association Rejected" not in out, out
+    assoc = associate(server.port)
+    assert not assoc.is_established and not assoc.is_rejected
+    drops = capture("scp.connection.dropped")
+    assert len(drops) == 2 and not capture("scp.association.rejected")
+    assert all(d["rule"] == "address" and d["address"] == "127.0.0.1" and "node.allowed_addresses" in d["reason"]
+               for d in drops)
 
 
 def test_association_limit(make_server, capture):
@@ -257,6 +263,50 @@ def test_association_limit(make_server, capture):
             a.release()
     limits = capture("scp.association.rejected")
     assert len(limits) >= 2 and all(r["rule"] == "limit" and r["result"] == 2 for r in limits)
+
+
+def test_idle_and_closed_connections_lock_nobody_out(make_server, capture):
+    """50 connections that never send an A-ASSOCIATE-RQ hold no slot; an allowed echoscu is answered at once.
+
+    Before issue 11 each held one of max_associations for network_timeout_s (60 s); the ARTIM timer
+    (artim_timeout_s) now closes the silent ones.
+    """
+    server = make_server({"max_associations": 2, "network_timeout_s": 60, "artim_timeout_s": 2,
+                          "allowed_addresses": ["127.0.0.0/8"]})
+    start = time.monotonic()
+    assert echoscu(server.port).returncode == 0
+    alone = time.monotonic() - start
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(25)]
+    for _ in range(25):
+        socket.create_connection(("127.0.0.1", server.port)).close()
+    try:
+        time.sleep(0.2)
+        start = time.monotonic()
+        proc = echoscu(server.port)
+        waited = time.monotonic() - start
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        print(f"echoscu behind 25 idle + 25 closed connections: {waited:.2f} s (alone: {alone:.2f} s)")
+        assert waited < max(1.0, 3 * alone), (waited, alone)
+        for sock in idle:  # the ARTIM timer closes them: the peer reads end-of-file
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert len(capture("scp.connection.idle")) == 25
+    assert not capture("scp.association.rejected")
+
+
+def test_strangers_are_dropped_at_accept(make_server, capture):
+    """A peer outside node.allowed_addresses is closed by the accepting thread before it can send anything."""
+    server = make_server({"allowed_addresses": ["10.0.0.0/8"], "artim_timeout_s": 30})
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(10)
+        assert sock.recv(1) == b""
+    assert time.monotonic() - start < 5  # not the 30 s a silent allowed peer would get
+    (drop,) = capture("scp.connection.dropped")
+    assert drop["address"] == "127.0.0.1" and drop["rule"] == "address"
 
 
 def test_pipeline_ae_title_has_its_own_callers(make_server, capture):

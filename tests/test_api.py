@@ -8,7 +8,7 @@ from PIL import Image
 
 from dicom_node.cli import main
 from fusion import dmf_stack, fuse
-from fusion.intensity import rgb_to_ycbcr, to_unit, ycbcr_to_rgb
+from fusion.intensity import rgb_to_ycbcr, to_uint8, to_unit, ycbcr_to_rgb
 from fusion.metrics import average_gradient, entropy, mutual_information, qabf, ssim
 from fusion_demo.samples import synthetic_pair
 
@@ -20,7 +20,7 @@ def pair():
 
 def test_fuse_grey_pair(pair):
     mr, ct = pair
-    out = fuse(mr, ct, feature_source="image", device="cpu")
+    out = fuse(mr, ct, method="dmf", feature_source="image", device="cpu")
     assert out.shape == mr.shape and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
     # the saturated skull of the CT survives fusion (the background/saturation trap)
@@ -36,10 +36,12 @@ def test_stack_equals_slices(pair):
     mr, ct = pair
     a = np.stack([mr, np.flipud(mr), np.zeros_like(mr)])
     b = np.stack([ct, np.flipud(ct), np.zeros_like(ct)])
-    stacked = fuse(a, b, feature_source="image", device="cpu")
-    for i in range(3):
-        np.testing.assert_allclose(stacked[i], fuse(a[i], b[i], feature_source="image", device="cpu"), atol=1e-6)
-    assert stacked[2].max() < 1e-6  # an empty slice stays empty
+    for method in ("dmf", "faithful"):
+        stacked = fuse(a, b, method=method, feature_source="image", device="cpu")
+        for i in range(3):
+            np.testing.assert_allclose(stacked[i], fuse(a[i], b[i], method=method, feature_source="image",
+                                                        device="cpu"), atol=1e-6)
+        assert stacked[2].max() < 1e-6  # an empty slice stays empty
 
 
 def test_single_methods_through_fuse(pair):
@@ -88,8 +90,8 @@ def test_dmf_stack_weights_sum_to_one(pair):
 
 def test_dmf_with_vgg_features(pair, vgg_weights):
     mr, ct = pair
-    out_vgg = fuse(mr, ct, feature_source="vgg", device="cpu")
-    out_img = fuse(mr, ct, feature_source="image", device="cpu")
+    out_vgg = fuse(mr, ct, method="dmf", feature_source="vgg", device="cpu")
+    out_img = fuse(mr, ct, method="dmf", feature_source="image", device="cpu")
     assert out_vgg.shape == mr.shape
     assert 0 < np.abs(out_vgg - out_img).mean() < 0.1  # different weights, same kind of image
 
@@ -100,10 +102,15 @@ def test_cli_fuse_writes_png(tmp_path, pair):
     Image.fromarray(ct).save(tmp_path / "ct.png")
     out = tmp_path / "out" / "fused.png"
     rc = main(["fuse", str(tmp_path / "mr.png"), str(tmp_path / "ct.png"), "-o", str(out),
-               "--feature-source", "image", "--device", "cpu", "--trio", "adf,cbf,fpde"])
+               "--method", "dmf", "--feature-source", "image", "--device", "cpu", "--trio", "adf,cbf,fpde"])
     assert rc == 0
     img = np.asarray(Image.open(out))
     assert img.shape == mr.shape and img.dtype == np.uint8
+    # the default method needs no VGG16 weights and no trio
+    rc = main(["fuse", str(tmp_path / "mr.png"), str(tmp_path / "ct.png"), "-o", str(tmp_path / "d.png")])
+    assert rc == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d.png")),
+                                  to_uint8(fuse(mr, ct)))
     rc = main(["fuse", str(tmp_path / "mr.png"), str(tmp_path / "ct.png"), "-o", str(tmp_path / "f.npy"),
                "--method", "cbf"])
     assert rc == 0 and np.load(tmp_path / "f.npy").dtype == np.float32
@@ -167,18 +174,18 @@ def test_library_cli_and_node_pick_the_same_trio(modality, colour, tmp_path, mon
     mr, ct = pair
     overlay = np.stack([ct, ct // 2, ct // 3], axis=-1) if colour else ct
 
-    fuse(mr, overlay, feature_source="image", device="cpu", modality=modality)  # the library
+    fuse(mr, overlay, method="dmf", feature_source="image", device="cpu", modality=modality)  # the library
 
     Image.fromarray(mr).save(tmp_path / "mr.png")
     Image.fromarray(overlay).save(tmp_path / "overlay.png")
     args = ["fuse", str(tmp_path / "mr.png"), str(tmp_path / "overlay.png"), "-o", str(tmp_path / "f.png"),
-            "--feature-source", "image", "--device", "cpu"] + (["--modality", modality] if modality else [])
+            "--method", "dmf", "--feature-source", "image", "--device", "cpu"] + (["--modality", modality] if modality else [])
     assert main(args) == 0  # the command line
 
     if modality is not None:  # the node always knows the modality (DICOM Modality of the overlay)
         pipeline = parse_config({"pipelines": [{"name": "p", "base": {"modality": ["MR"]},
                                                 "overlay": {"modality": [modality]},
-                                                "feature_source": "image"}]}).pipelines[0]
+                                                "method": "dmf", "feature_source": "image"}]}).pipelines[0]
         b = to_unit(overlay).astype(np.float32)
         stages.fuse(stages.PreparedStacks(to_unit(mr)[None].astype(np.float32), b[None], modality), pipeline, "cpu")
 

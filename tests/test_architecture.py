@@ -18,12 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: dicom_node's layers, lowest first; a module may import its own layer and the ones before it
 LAYERS: list[tuple[str, ...]] = [
-    ("dicom_node.config", "dicom_node.errors", "dicom_node.states", "dicom_node.logs"),
+    ("dicom_node.config", "dicom_node.errors", "dicom_node.states", "dicom_node.logs", "dicom_node.audit",
+     "dicom_node.events"),
     ("dicom_node.dicom",),
     ("dicom_node.index",),
     ("dicom_node.net",),
     ("dicom_node.outbox",),
     ("dicom_node.workflow",),
+    ("dicom_node.web",),
     ("dicom_node.cli", "dicom_node.provision", "dicom_node.__init__"),
 ]
 

@@ -112,9 +112,12 @@ def test_example_config_shows_every_default_and_only_defaults():
             value = float(value)
         assert value == default, f"{key} = {value!r} in the example, but the default is {default!r}"
     for section, model in [("node", C.NodeConfig), ("storage", C.StorageConfig), ("settle", C.SettleConfig),
-                           ("outbox", C.OutboxConfig), ("query_retrieve", C.QueryRetrieveConfig),
+                           ("outbox", C.OutboxConfig), ("query_retrieve", C.QueryRetrieveConfig), ("retention", C.RetentionConfig),
+                           ("limits", C.LimitsConfig),
                            ("pipelines.0", C.Pipeline), ("pipelines.0.registration", C.RegistrationConfig),
-                           ("pipelines.0.registration.quality", C.QualityConfig), ("node.tls", C.NodeTLS)]:
+                           ("pipelines.0.registration.quality", C.QualityConfig), ("node.tls", C.NodeTLS),
+                           ("logging", C.LoggingConfig),
+                           ("http", C.HttpConfig), ("notifications.0", C.Notification)]:
         documented = {k[len(section) + 1:].split(".")[0] for k in shown if k.startswith(section + ".")}
         commented = {line.lstrip("# ").split(" =")[0] for line in C.EXAMPLE_TOML.splitlines() if " = " in line}
         missing = [f for f in model.model_fields if f not in documented and f not in commented]
@@ -144,7 +147,7 @@ def test_destination_kinds():
 def test_pipeline_method_is_any_registered_method():
     from fusion.methods import available
 
-    assert parse_config({"pipelines": [_pipeline()]}).pipelines[0].method == "dmf"
+    assert parse_config({"pipelines": [_pipeline()]}).pipelines[0].method == "faithful"
     for name in available():
         assert parse_config({"pipelines": [_pipeline(method=name.upper())]}).pipelines[0].method == name
     with pytest.raises(ConfigError, match="unknown fusion method 'nope'"):

@@ -466,3 +466,53 @@ def test_dcmtk_reads_the_objects(pair, tmp_path):
     for name in ("sc.dcm", "reg.dcm"):
         proc = subprocess.run(["dcmdump", "-q", "-E", str(tmp_path / name)], capture_output=True, text=True)
         assert proc.returncode == 0 and "E:" not in proc.stderr and "W:" not in proc.stderr, proc.stderr
+
+
+def test_uid_seed_makes_the_same_objects_again(pair):
+    """A re-run of a job (same seed) writes the same UIDs, so a PACS keeps one copy; another seed, other UIDs."""
+    ct, mr = pair
+    fused = np.zeros((6, 32, 40), np.uint8)
+
+    def make(seed):
+        sc = build_sc_series(ct, mr, fused, uid_root=UID_ROOT, series_description="FUSED MR>CT DMF",
+                             derivation_description=DERIVATION, include_geometry=False, uid_seed=seed)
+        reg = build_registration(ct, mr, np.eye(4), uid_root=UID_ROOT, content_label="RIGID_MI", uid_seed=seed)
+        return [(str(d.SeriesInstanceUID), str(d.SOPInstanceUID)) for d in (*sc, reg)]
+
+    first = make("job-seed-a")
+    assert first == make("job-seed-a")
+    assert len({s for s, _ in first}) == 2 and len({i for _, i in first}) == 7
+    assert all(u.startswith(UID_ROOT) and len(u) <= 64 for pair_ in first for u in pair_)
+    other = make("job-seed-b")
+    assert not {u for p in other for u in p} & {u for p in first for u in p}
+    unseeded = make(None)
+    assert unseeded != make(None)  # without a seed: fresh UIDs, as before
+
+
+def test_two_pipelines_on_one_base_get_their_own_numbers_and_descriptions(pair):
+    """Measured bug: MR+PT and MR+CT of one base both made Series Number 1002 and REG 2002 of one description."""
+    from dicom_node.config import parse_config
+    from dicom_node.workflow import stages
+
+    ct, mr = pair
+    settings = parse_config({"pipelines": [
+        {"name": name, "base": {"modality": ["CT"]}, "overlay": {"modality": ["MR"]}} for name in ("ct-mr", "ct-mr2")]})
+
+    class V:  # derive reads only a volume's headers and modality
+        def __init__(self, headers, modality):
+            self.headers, self.modality = headers, modality
+
+    reg = stages.Registration(tuple(tuple(float(v) for v in r) for r in np.eye(4)))
+    fused = stages.FusedStack(np.zeros((6, 32, 40), np.uint8), "dmf", ("cbf", "tif", "wls"), "image", "cpu")
+    out = [stages.derive(stages.LoadedPair(V(ct, "CT"), V(mr, "MR")), reg, fused, p, UID_ROOT,  # type: ignore[arg-type]  # - a stand-in volume: derive reads only headers and modality
+                         uid_seed=f"seed-{p.name}", series_offset=i)
+           for i, p in enumerate(settings.pipelines)]
+    base_number = int(ct[0].SeriesNumber)
+    assert [int(o.sc[0].SeriesNumber) for o in out] == [base_number + 1000, base_number + 1001]
+    assert [int(o.reg.SeriesNumber) for o in out] == [base_number + 2000, base_number + 2001]
+    assert len({o.sc[0].SeriesDescription for o in out}) == 2 and len({o.reg.SeriesDescription for o in out}) == 2
+    assert out[0].reg.SeriesDescription == "REG MR>CT CT-MR"
+    v2 = stages.derive(stages.LoadedPair(V(ct, "CT"), V(mr, "MR")), reg, fused, settings.pipelines[0],  # type: ignore[arg-type]  # - a stand-in volume: derive reads only headers and modality
+                       UID_ROOT, uid_seed="seed-v2", version=2)
+    assert v2.sc[0].SeriesDescription.endswith("CT-MR V2") and v2.reg.SeriesDescription.endswith("V2")
+    assert "(version 2)" in v2.sc[0].DerivationDescription

@@ -179,6 +179,7 @@ def node(tmp_path_factory, destination):
         "node": {"ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0},
         "storage": {"root": str(root / "data")},
         "destinations": [{"name": "workstation", "ae_title": DEST_AE, "host": "127.0.0.1", "port": destination.port}],
+        "query_retrieve": {"allowed_callers": [SCU_AE], "allowed_addresses": ["127.0.0.1"]},  # Q/R is deny-by-default
     })
     store = Store(cfg.storage.root, cfg.storage.database_path)
     store.ensure_schema()
@@ -796,7 +797,7 @@ def _node_settings(tmp_path, **query_retrieve) -> NodeSettings:
         "storage": {"root": str(tmp_path / "data")},
         "destinations": [{"name": "ws1", "ae_title": "WS1", "host": "127.0.0.1", "port": 1104},
                          {"name": "ws2", "ae_title": "WS2", "host": "127.0.0.1", "port": 1105}],
-        "query_retrieve": query_retrieve,
+        "query_retrieve": {"allowed_callers": [SCU_AE], **query_retrieve},  # Q/R is deny-by-default
     })
 
 
@@ -849,3 +850,67 @@ def test_choose_charset_falls_back_from_caller_to_study_to_utf8():
     assert choose_charset({"PatientName": MUELLER}, ["", "ISO 2022 IR 87"], "ISO_IR 100") == ["ISO_IR 100"]
     assert choose_charset({"PatientName": YAMADA}, "ISO_IR 100", "\\ISO 2022 IR 87") == ["", "ISO 2022 IR 87"]
     assert choose_charset({"PatientName": GREEK}, "ISO_IR 100", "NOT A CHARSET") == ["ISO_IR 192"]
+
+
+# -- authorization: [query_retrieve] allowed_callers / allowed_addresses --------------------------
+
+
+@pytest.mark.parametrize("callers, addresses, calling, address, allowed, rule", [
+    ([], [], "QRSCU", "127.0.0.1", False, "qr_not_configured"),  # the default: nobody
+    (["QRSCU"], [], "QRSCU", "127.0.0.1", True, "accepted"),
+    (["QRSCU"], [], "OTHER", "127.0.0.1", False, "qr_calling_ae"),
+    ([], ["10.0.0.0/8"], "ANY", "10.1.2.3", True, "accepted"),
+    ([], ["10.0.0.0/8"], "ANY", "::ffff:10.1.2.3", True, "accepted"),
+    (["QRSCU"], ["10.0.0.0/8"], "QRSCU", "127.0.0.1", False, "qr_address"),  # every list that is set
+])
+def test_query_retrieve_access_decision(callers, addresses, calling, address, allowed, rule):
+    from dicom_node.net.access import QueryRetrieveAccess
+
+    cfg = parse_config({"query_retrieve": {"allowed_callers": callers, "allowed_addresses": addresses}})
+    decision = QueryRetrieveAccess(cfg.query_retrieve).decide(calling, address)
+    assert (decision.allowed, decision.rule) == (allowed, rule)
+
+
+def _qr_contexts_accepted(port: int, calling: str) -> set[str]:
+    ae = AE(ae_title=calling)
+    for model in (STUDY_FIND, PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove):
+        ae.add_requested_context(model)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    assert assoc.is_established
+    try:
+        return {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+
+
+def test_query_retrieve_is_refused_unless_the_caller_is_listed(tmp_path):
+    """Default config: storage works, Q/R contexts are rejected; listed AE titles get them; DCMTK findscu sees why."""
+    import subprocess
+
+    from dicom_helpers import dcmtk, json_logs
+
+    qr_models = {str(STUDY_FIND), str(PatientRootQueryRetrieveInformationModelGet),
+                 str(StudyRootQueryRetrieveInformationModelMove)}
+    root = tmp_path / "data"
+    base = {"node": {"ae_title": SCP_AE, "host": "127.0.0.1", "port": 0}, "storage": {"root": str(root)}}
+    with json_logs("dicom_node.net.query_retrieve") as log:
+        default = RunningSCP(parse_config(base), Store(root, root / "node.sqlite"), query_retrieve=True)
+        try:
+            assert _qr_contexts_accepted(default.port, SCU_AE) == {str(CTImageStorage)}
+            find = subprocess.run([dcmtk("findscu"), "-S", "-aet", SCU_AE, "-aec", SCP_AE, "-k",
+                                   "QueryRetrieveLevel=STUDY", "127.0.0.1", str(default.port)],
+                                  capture_output=True, text=True, timeout=30)
+            assert find.returncode != 0 and "No Acceptable Presentation Contexts" in find.stdout + find.stderr
+        finally:
+            default.stop()
+        listed = RunningSCP(parse_config({**base, "query_retrieve": {"allowed_callers": ["WS01"]}}),
+                            Store(root, root / "node.sqlite"), query_retrieve=True)
+        try:
+            assert _qr_contexts_accepted(listed.port, "WS01") == qr_models | {str(CTImageStorage)}
+            assert _qr_contexts_accepted(listed.port, "INTRUDER") == {str(CTImageStorage)}
+        finally:
+            listed.stop()
+        refused = log.events("qr.refused")
+    assert [r["rule"] for r in refused] == ["qr_not_configured", "qr_not_configured", "qr_calling_ae"]
+    assert refused[-1]["calling_ae"] == "INTRUDER" and refused[-1]["address"] == "127.0.0.1"

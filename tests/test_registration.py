@@ -345,7 +345,7 @@ def test_quality_accepts_a_good_registration(fixed, mr_like):
     print(f"\ngood: {q.as_dict()}")
     assert q.ok and not q.problems and q.warning is None and not q.flipped
     assert q.similarity > 0.2 and q.sharpness > 0.15 and q.support_overlap > 0.8
-    assert q.flip_similarity is not None and q.flip_similarity < q.similarity
+    assert q.flip_similarity is not None and q.mirror is not None and q.mirror["advantage"] < 0
     assert q.rotation_deg == pytest.approx(res.rotation_angle_deg)
     json.dumps(q.as_dict())  # goes into the job result
 
@@ -371,7 +371,7 @@ def test_quality_detects_a_left_right_flipped_overlay(fixed, mr_like):
     q = assess_registration(fixed, flipped, res)
     print(f"\nflipped: {q.as_dict()}")
     assert not q.ok and q.flipped and q.warning.startswith("FLIPPED?")
-    assert q.flip_similarity > q.similarity + q.thresholds.flip_margin
+    assert q.mirror is not None and q.mirror["advantage"] > q.thresholds.flip_margin
     assert "left-right" in q.reason
     # mirrored_lr reverses the voxel axis closest to patient x, header kept: it undoes such a flip exactly
     np.testing.assert_array_equal(volume_to_array(mirrored_lr(flipped)), volume_to_array(mr_like))
@@ -424,7 +424,7 @@ def test_pipeline_policy_fails_or_warns_visibly(fixed, mr_like, tmp_path):
         register(LoadedPair(volume(fixed, "CT"), volume(flipped, "MR")), Pipeline.model_validate(rule), tmp_path, 7)
     text = err.value.operator_message
     assert "registration rejected" in text and "left-right" in text and "on_poor_quality" in text
-    assert "margin 0.03" in text  # the threshold is named with the measured figure
+    assert "margin 4.0%" in text  # the threshold is named with the measured figure
     kept = err.value.result  # kept on the failed job (jobs.Executor)
     assert kept["registration_quality"]["ok"] is False and kept["registration_quality"]["problems"]
     assert kept["registration_picture"].endswith("job-7-registration.png") and "check sheet" in text

@@ -199,7 +199,8 @@ def test_storescu_ct_series_indexed_once(server, cirs_dir, tmp_path):
         assert stored.SOPInstanceUID == h.SOPInstanceUID
         assert stored.file_meta.SourceApplicationEntityTitle == SCU_AE
         assert inst.calling_ae == SCU_AE
-    assert list(store.root.joinpath("tmp").iterdir()) == []
+    # our copies consumed, pynetdicom's spool folder of the association removed at release
+    assert list(store.root.joinpath("tmp").rglob("*")) in ([], [store.root / "tmp" / "spool"])
 
     # the same files again: success, still stored once
     assert_stored_ok(storescu(server, *files))
@@ -281,7 +282,7 @@ def test_truncated_pixel_data_is_refused_and_server_keeps_serving(server, tmp_pa
     ds.PixelData = ds.PixelData[:1000]
     assert scu_send(server, ds, CTImageStorage) == STATUS_CANNOT_UNDERSTAND
     assert server.store.get_instance(ds.SOPInstanceUID) is None
-    assert list(server.store.tmp_dir.iterdir()) == []
+    assert [p for p in server.store.tmp_dir.rglob("*") if p.is_file()] == []
     _still_serving(server, tmp_path)
 
 
@@ -345,7 +346,7 @@ def test_store_failure_answers_out_of_resources(server, tmp_path, monkeypatch):
     monkeypatch.setattr(server.store, "store_received", broken)
     ds = make_image()
     assert scu_send(server, ds, CTImageStorage) == STATUS_OUT_OF_RESOURCES
-    assert list(server.store.tmp_dir.iterdir()) == []  # the partial file is cleaned up
+    assert [p for p in server.store.tmp_dir.rglob("*") if p.is_file()] == []  # the partial file is cleaned up
     monkeypatch.undo()
     assert scu_send(server, ds, CTImageStorage) == 0x0000  # the sender's retry succeeds
 

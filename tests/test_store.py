@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -260,3 +261,61 @@ def test_real_ct_and_mr_files(store, cirs_dir):
     assert sorted(s.modality for s in series) == ["CT", "MR"]
     assert all(s.instance_count == 3 for s in series)
     assert store.counts().studies == 2  # the phantom pair comes from two different studies
+
+
+def _derived_series(n: int):
+    study, series = generate_uid(prefix=UID_PREFIX), generate_uid(prefix=UID_PREFIX)
+    return [make_image(study_uid=study, series_uid=series, modality="OT", sop_class="1.2.840.10008.5.1.4.1.1.7")
+            for _ in range(n)]
+
+
+def test_staged_series_is_invisible_until_published_in_one_transaction(store):
+    datasets = _derived_series(5)
+    series_uid = datasets[0].SeriesInstanceUID
+    staged = store.stage("job-1-v1", datasets)
+    assert len(staged.files) == 5 and all(p.parent == store.staging_dir / "job-1-v1" for p in staged.files)
+    assert store.get_series(series_uid) is None  # staged: not indexed, not queryable
+    seen = []
+
+    def also(conn, stored):  # runs inside the transaction: the rows are there for it, not yet for others
+        seen.append(conn.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0])
+        other = sqlite3.connect(store.db_path)
+        seen.append(other.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0])
+        other.close()
+
+    stored = store.publish(staged, also)
+    assert seen == [5, 0]
+    assert len(stored) == 5 and all(r.path.exists() for r in stored)
+    assert store.get_series(series_uid).instance_count == 5
+    assert not (store.staging_dir / "job-1-v1").exists()
+    again = store.publish(store.stage("job-1-v1", datasets))  # a re-run with the same UIDs: kept once
+    assert all(r.duplicate for r in again) and store.get_series(series_uid).instance_count == 5
+
+
+def test_interrupted_publish_leaves_nothing_visible_and_start_up_cleans_it(store):
+    datasets = _derived_series(4)
+    series_uid = datasets[0].SeriesInstanceUID
+
+    def boom(conn, stored):
+        raise RuntimeError("killed inside the transaction")
+
+    with pytest.raises(RuntimeError):
+        store.publish(store.stage("job-2-v1", datasets), boom)
+    assert store.get_series(series_uid) is None
+    assert not list(store.instances_dir.rglob("*.dcm")) and not (store.staging_dir / "job-2-v1").exists()
+
+    # a process killed after moving the files, before the commit: only the manifest tells which files were moved
+    staged = store.stage("job-3-v1", datasets)
+    manifest = []
+    for path in staged.files:
+        ds = dcmread(path, stop_before_pixels=True)
+        rel = store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        (store.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, store.root / rel)
+        manifest.append(rel.as_posix())
+    (staged.folder / store_mod.MANIFEST).write_text(json.dumps(manifest))
+    (store.tmp_dir / "abc.part").write_bytes(b"half a C-STORE")
+    assert store.clean_staging() == 1
+    assert not list(store.instances_dir.rglob("*.dcm")), "unindexed moved files removed"
+    assert not list(store.staging_dir.iterdir()) and not list(store.tmp_dir.iterdir())
+    assert store.get_series(series_uid) is None

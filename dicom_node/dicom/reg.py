@@ -38,6 +38,7 @@ from dicom_node.dicom.derived import (
     sop_ref,
     unique_headers,
 )
+from dicom_node.dicom.uids import derived_uid
 
 #: CID 7100 RCS Registration Method Type.
 CODE_FRAME_OF_REFERENCE_IDENTITY = Code("125021", "DCM", "Frame of Reference Identity")
@@ -73,6 +74,7 @@ def build_registration(
     series_number: int | None = None,
     content_description: str = "Rigid mutual-information registration, overlay onto base",
     equipment: Equipment | None = None,
+    uid_seed: str | None = None,
 ) -> Dataset:
     """A Spatial Registration object (Modality REG) in the base study, as a new series.
 
@@ -113,7 +115,8 @@ def build_registration(
         raise ValueError(f"series_number {number} outside 1..{IS_MAX}")
 
     now = datetime.datetime.now()
-    sop_uid = generate_uid(prefix=uid_root)
+    # uid_seed: the series and instance UIDs follow from the job (dicom.uids.derived_uid), so a re-run is the same object
+    sop_uid = derived_uid(uid_root, uid_seed, "reg") if uid_seed else generate_uid(prefix=uid_root)
     ds = Dataset()
     ds.file_meta = file_meta(SpatialRegistrationStorage, sop_uid)
     # SOP Common
@@ -125,7 +128,7 @@ def build_registration(
     copy_patient_study(base0, ds, charset)
     # General Series + Spatial Registration Series
     ds.Modality = "REG"
-    ds.SeriesInstanceUID = generate_uid(prefix=uid_root)
+    ds.SeriesInstanceUID = derived_uid(uid_root, uid_seed, "reg-series") if uid_seed else generate_uid(prefix=uid_root)
     ds.SeriesNumber = number
     ds.SeriesDate = DA(now.date())
     ds.SeriesTime = TM(now.time())

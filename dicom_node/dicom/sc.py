@@ -58,6 +58,7 @@ from dicom_node.dicom.derived import (
     output_charset,
     source_item,
 )
+from dicom_node.dicom.uids import derived_uid
 
 #: Modality of the fused SC series.  The SC Equipment Module defines Modality as the
 #: source equipment; a fused image has two sources, so neither CT nor MR is true.
@@ -153,6 +154,7 @@ def build_sc_series(
     equipment: Equipment | None = None,
     include_geometry: bool = True,
     series_instance_uid: str | None = None,
+    uid_seed: str | None = None,
 ) -> list[Dataset]:
     """One Secondary Capture Image per base slice, in the base study, as a new series.
 
@@ -191,6 +193,10 @@ def build_sc_series(
     series_instance_uid
         Use this Series Instance UID instead of a new one (e.g. to re-create a series
         idempotently); default: a new UID under ``uid_root``.
+    uid_seed
+        Derive the series UID and every SOP Instance UID from this text
+        (``dicom.uids.derived_uid``) instead of random ones: a re-run of the
+        same job makes the same objects, so a PACS keeps one copy.
     """
     eq = equipment or DEFAULT_EQUIPMENT
     base_headers = list(base_headers)
@@ -229,7 +235,8 @@ def build_sc_series(
             if not 0 <= int(k) < len(overlay_headers):
                 raise IndexError(f"overlay_index[{i}] refers to overlay slice {k}, there are {len(overlay_headers)}")
 
-    series_uid = series_instance_uid or generate_uid(prefix=uid_root)
+    series_uid = series_instance_uid or (derived_uid(uid_root, uid_seed, "sc-series") if uid_seed
+                                         else generate_uid(prefix=uid_root))
     number = default_series_number(base0, 1000) if series_number is None else int(series_number)
     if not 1 <= number <= IS_MAX:
         raise ValueError(f"series_number {number} outside 1..{IS_MAX}")
@@ -249,7 +256,7 @@ def build_sc_series(
             study_instance_uid=base0.StudyInstanceUID,
             series_instance_uid=series_uid,
             series_number=number,
-            sop_instance_uid=generate_uid(prefix=uid_root),
+            sop_instance_uid=derived_uid(uid_root, uid_seed, "sc", i) if uid_seed else generate_uid(prefix=uid_root),
             instance_number=i + 1,
             manufacturer=eq.manufacturer,
             pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,

@@ -17,11 +17,14 @@ copy is discarded and reported as a duplicate.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node.dicom.uids import InvalidInstanceError, check_uid
 from dicom_node.errors import NodeError
 from dicom_node.index import db
-from dicom_node.logs import fields
+from dicom_node.logs import fields, scrub
 from dicom_node.states import SeriesState, check_in
 
 log = logging.getLogger("dicom_node.index.store")
@@ -118,6 +121,8 @@ class StoreResult:
     path: Path
     duplicate: bool = False
     sop_class_uid: str = ""
+    #: the instance's Patient ID, for the audit trail only (never logged)
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,26 @@ def _fsync_file(path: Path) -> int:
         os.close(fd)
 
 
+#: the list of files a publish moves, written into the staging folder before its transaction
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StagedSeries:
+    """A derived series written under ``staging/``, not yet visible: the input of :meth:`Store.publish`."""
+
+    folder: Path
+    files: list[Path]
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".part")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class Store:
     """Instance files plus their index. Safe to share between threads (one SQLite connection per thread)."""
 
@@ -266,10 +291,40 @@ class Store:
     def instances_dir(self) -> Path:
         return self.root / "instances"
 
+    @property
+    def staging_dir(self) -> Path:
+        """Where a derived series is written before it becomes visible (:meth:`stage`, :meth:`publish`)."""
+        return self.root / "staging"
+
     def new_tmp_path(self, suffix: str = ".part") -> Path:
-        """A fresh, unique path under :attr:`tmp_dir` for a file about to be handed to :meth:`store_received`."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        return self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        """A fresh, unique, empty file under :attr:`tmp_dir` for data about to be handed to :meth:`store_received`.
+
+        Created here with mode 0600 (writers truncate it, the mode stays), so a
+        received instance is never readable by other users, not even while it
+        is written; the folder is 0700.
+        """
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return path
+
+    def clear_tmp(self) -> int:
+        """Remove everything under :attr:`tmp_dir` (partial files of a crash, spool folders); returns the count.
+
+        Only safe before anything writes there: the node calls it at start-up.
+        """
+        removed = 0
+        if not self.tmp_dir.is_dir():
+            return 0
+        for entry in self.tmp_dir.iterdir():
+            removed += sum(1 for p in entry.rglob("*") if not p.is_dir()) if entry.is_dir() else 1
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if removed:
+            log.info("store.tmp.cleared", extra=fields(files=removed))
+        return removed
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -293,6 +348,7 @@ class Store:
         try:
             _make_dirs(self.instances_dir)
             _make_dirs(self.tmp_dir)
+            os.chmod(self.tmp_dir, 0o700)  # partial instances: the node's user only
             conn = self._conn()
             conn.executescript(_SCHEMA)
             self._migrate(conn)
@@ -337,7 +393,7 @@ class Store:
         try:
             ds = dcmread(tmp_path, stop_before_pixels=True)
         except Exception as exc:
-            raise InvalidInstanceError(f"cannot read the DICOM header: {exc}") from exc
+            raise InvalidInstanceError(f"cannot read the DICOM header: {scrub(str(exc))}") from exc
         study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -353,7 +409,8 @@ class Store:
         # Fast path: a re-send of a stored instance needs no write lock at all.
         try:
             if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
-                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+                return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
+                                               _text(ds, "PatientID"))
         except sqlite3.Error as exc:
             raise StoreError(f"index lookup failed: {exc}; check the database {self.db_path}") from exc
 
@@ -387,13 +444,15 @@ class Store:
                     pass
             raise StoreError(f"storing instance {sop_uid} failed: {exc}; check free space and the database {self.db_path}") from exc
         if duplicate:
-            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class)
+            return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
+                                               _text(ds, "PatientID"))
         log.debug("store.instance.stored", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid,
                                                           size_bytes=size, origin=origin))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class,
+                           patient_id=_text(ds, "PatientID"))
 
     def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path,
-                           sop_class: str) -> StoreResult:
+                           sop_class: str, patient_id: str | None = None) -> StoreResult:
         try:
             tmp_path.unlink()
         except FileNotFoundError:
@@ -401,7 +460,8 @@ class Store:
         except OSError as exc:  # a leftover temp file is untidy, not a failure to store
             log.warning("store.tmp.unlink_failed", extra=fields(path=str(tmp_path), error=str(exc)))
         log.debug("store.instance.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid))
-        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class)
+        return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class,
+                           patient_id=patient_id)
 
     def _index(self, conn: sqlite3.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
                sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,
@@ -491,6 +551,144 @@ class Store:
         except InvalidInstanceError:
             tmp.unlink(missing_ok=True)
             raise
+
+    # -- derived series: all or nothing ------------------------------------------------
+
+    def stage(self, name: str, datasets: Sequence[Dataset],
+              on_file: Callable[[int], None] | None = None) -> StagedSeries:
+        """Write a derived series' files under ``staging/<name>/`` (fsynced), invisible to everyone.
+
+        Nothing of it is indexed, queryable or queued until :meth:`publish`;
+        a crash leaves only the staging folder, removed by :meth:`clean_staging`.
+        ``on_file(i)`` is called after each file (progress, and the tests' crash hook).
+        """
+        folder = self.staging_dir / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        _make_dirs(folder)
+        files: list[Path] = []
+        try:
+            for i, ds in enumerate(datasets):
+                meta = FileMetaDataset(getattr(ds, "file_meta", None) or FileMetaDataset())
+                meta.MediaStorageSOPClassUID = ds.SOPClassUID
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                if "TransferSyntaxUID" not in meta:
+                    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                saved_meta = getattr(ds, "file_meta", None)
+                path = folder / f"{i:05d}.dcm"
+                try:
+                    ds.file_meta = meta
+                    ds.save_as(path, enforce_file_format=True)
+                finally:
+                    if saved_meta is not None:
+                        ds.file_meta = saved_meta
+                _fsync_file(path)
+                files.append(path)
+                if on_file is not None:
+                    on_file(i)
+            _fsync_dir(folder)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise StoreError(f"cannot write {folder}: {exc}; check free space and permissions under {self.root}") from exc
+        return StagedSeries(folder, files)
+
+    def publish(self, staged: StagedSeries, also: Callable[[sqlite3.Connection, list[StoreResult]], None] | None = None,
+                *, calling_ae: str = "") -> list[StoreResult]:
+        """Move staged files into the store and index them in ONE transaction, with ``also(conn, stored)``.
+
+        ``also`` runs inside the same transaction (the node queues the outbox
+        rows and marks the job done there), so the series, its Q/R visibility,
+        its sending and the job's state change together or not at all.  Before
+        the commit a manifest in the staging folder lists the files moved, so
+        :meth:`clean_staging` can take back the files of a transaction that
+        never committed.  An instance already stored (a re-run with the same
+        UIDs) is kept as it is.
+        """
+        entries = []
+        for path in staged.files:
+            ds = dcmread(path, stop_before_pixels=True)
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+            rel = self.relative_path(study_uid, series_uid, sop_uid)
+            entries.append((path, ds, study_uid, series_uid, sop_uid, sop_class, rel))
+        manifest = staged.folder / MANIFEST
+        _write_durably(manifest, json.dumps([e[6].as_posix() for e in entries]))
+        conn = self._conn()
+        stored: list[StoreResult] = []
+        try:
+            for d in {(self.root / e[6]).parent for e in entries}:
+                _make_dirs(d)
+            with db.transaction(conn):
+                now = db.now()
+                for path, ds, study_uid, series_uid, sop_uid, sop_class, rel in entries:
+                    final = self.root / rel
+                    if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
+                        stored.append(StoreResult(sop_uid, series_uid, study_uid, final, True, sop_class))
+                        continue
+                    size = path.stat().st_size
+                    os.replace(path, final)
+                    self._index(conn, ds, study_uid, series_uid, sop_uid, sop_class,
+                                str(ds.file_meta.TransferSyntaxUID), rel, size, now, calling_ae, "derived")
+                    stored.append(StoreResult(sop_uid, series_uid, study_uid, final, False, sop_class))
+                for d in {r.path.parent for r in stored}:
+                    _fsync_dir(d)
+                if also is not None:
+                    also(conn, stored)
+        except (sqlite3.Error, OSError) as exc:
+            self.clean_staging(staged.folder.name)
+            raise StoreError(f"publishing {staged.folder.name} failed: {exc}; check free space and the database "
+                             f"{self.db_path}") from exc
+        except BaseException:
+            self.clean_staging(staged.folder.name)
+            raise
+        shutil.rmtree(staged.folder, ignore_errors=True)
+        log.info("store.series.published", extra=fields(
+            staged=staged.folder.name, instances=len(stored), already_stored=sum(r.duplicate for r in stored),
+            series_uids=sorted({r.series_uid for r in stored})))
+        return stored
+
+    def clean_staging(self, name: str | None = None) -> int:
+        """Remove staged series that were never published (all, or the one called ``name``); returns how many.
+
+        Files a cut-off :meth:`publish` already moved into ``instances/``
+        (listed in its manifest) are deleted unless the index has them, so no
+        unindexed half series stays on disk.  Also empties ``tmp/``:
+        partial received files whose C-STORE was never answered.  Run at
+        start-up, before anything else writes.
+        """
+        folders = [self.staging_dir / name] if name else (
+            sorted(p for p in self.staging_dir.iterdir() if p.is_dir()) if self.staging_dir.exists() else [])
+        conn = self._conn()
+        n = 0
+        for folder in folders:
+            if not folder.exists():
+                continue
+            manifest = folder / MANIFEST
+            moved = 0
+            if manifest.exists():
+                try:
+                    rels = json.loads(manifest.read_text())
+                except ValueError:
+                    rels = []
+                for rel in rels:
+                    if not conn.execute("SELECT 1 FROM instances WHERE path = ?", (rel,)).fetchone():
+                        try:
+                            (self.root / rel).unlink()
+                            moved += 1
+                        except FileNotFoundError:
+                            pass
+            shutil.rmtree(folder, ignore_errors=True)
+            n += 1
+            log.warning("store.staging.cleaned", extra=fields(staged=folder.name, unindexed_files_removed=moved))
+        if name is None and self.tmp_dir.exists():
+            parts = [p for p in self.tmp_dir.iterdir() if p.is_file()]
+            for p in parts:
+                p.unlink(missing_ok=True)
+            if parts:
+                log.warning("store.tmp.cleaned", extra=fields(files=len(parts)))
+        return n
 
     # -- reading ----------------------------------------------------------------------
 

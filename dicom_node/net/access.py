@@ -12,7 +12,10 @@ Checks, in this order (the first that fails decides):
    (``node.require_called_ae``) -> :data:`REJECT_CALLED_AE`.  It comes first
    because it selects which per-pipeline lists apply.
 2. Peer address: ``node.allowed_addresses``, then the called pipeline's
-   ``allowed_addresses`` -> :data:`REJECT_ADDRESS`.  PS3.8 has no reason code
+   ``allowed_addresses`` -> :data:`REJECT_ADDRESS`.  A peer outside
+   ``node.allowed_addresses`` never gets this far: the listener closes its
+   connection at accept (:meth:`AccessPolicy.admits_address`, ``server.py``),
+   so the rejection is only sent for a pipeline's list.  PS3.8 has no reason code
    for an address; "no reason given" tells a stranger nothing.
 3. Calling AE Title: ``node.allowed_callers``, then the called pipeline's
    ``allowed_callers`` -> :data:`REJECT_CALLING_AE`.
@@ -31,7 +34,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dicom_node.config import NodeConfig, NodeSettings, Pipeline
+from dicom_node.config import NodeConfig, NodeSettings, Pipeline, QueryRetrieveConfig
 
 # -- A-ASSOCIATE-RJ fields (PS3.8 section 9.3.4, Table 9-21) -------------------------------
 
@@ -149,6 +152,17 @@ class AccessPolicy:
         """Every Called AE Title the node answers to: its own first, then the pipelines'."""
         return tuple(self._called)
 
+    def admits_address(self, address: str) -> bool:
+        """Whether ``node.allowed_addresses`` lets this peer connect at all (checked at accept, before anything else).
+
+        The pipelines' own address lists depend on the Called AE Title, which
+        only the A-ASSOCIATE-RQ names; :meth:`decide` checks them.
+        """
+        if not self._networks:
+            return True
+        ip = peer_ip(address)
+        return ip is not None and _in(ip, self._networks)
+
     def decide(self, calling_ae: str, called_ae: str, address: str, open_associations: int) -> Decision:
         """Decide on one A-ASSOCIATE-RQ.
 
@@ -187,3 +201,43 @@ class AccessPolicy:
             return Decision(REJECT_LIMIT, f"{open_associations} associations open, node.max_associations is "
                             f"{self.max_associations}", "limit", pipeline)
         return Decision(None, f"called {called_title!r}" + (f" ({where})" if pipeline else ""), "accepted", pipeline)
+
+
+# -- Query/Retrieve: its own allow lists ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QRDecision:
+    """May this caller query and retrieve?  ``rule`` names the list that decided, ``why`` is for the log."""
+
+    allowed: bool
+    why: str
+    rule: str
+
+
+class QueryRetrieveAccess:
+    """``[query_retrieve] allowed_callers`` / ``allowed_addresses``: deny unless a list names the caller.
+
+    Separate from the storage lists: a modality allowed to send is not
+    thereby allowed to list every patient.  With both lists empty nobody may
+    (the secure default; PACS likewise answer C-FIND/C-GET/C-MOVE only for
+    configured workstations).  A caller must match every list that is set.
+    """
+
+    def __init__(self, cfg: QueryRetrieveConfig) -> None:
+        self._callers = frozenset(c.strip() for c in cfg.allowed_callers)
+        self._networks = _networks(cfg.allowed_addresses)
+
+    def decide(self, calling_ae: str, address: str) -> QRDecision:
+        calling = (calling_ae or "").strip()
+        if not self._callers and not self._networks:
+            return QRDecision(False, "query_retrieve.allowed_callers and allowed_addresses are empty: "
+                              "no one may query or retrieve until the workstations are listed", "qr_not_configured")
+        if self._networks:
+            ip = peer_ip(address)
+            if ip is None or not _in(ip, self._networks):
+                return QRDecision(False, f"address {address} is not in query_retrieve.allowed_addresses", "qr_address")
+        if self._callers and calling not in self._callers:
+            return QRDecision(False, f"calling AE title {calling!r} is not in query_retrieve.allowed_callers",
+                              "qr_calling_ae")
+        return QRDecision(True, "listed in [query_retrieve]", "accepted")

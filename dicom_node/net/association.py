@@ -28,11 +28,14 @@ def is_tls(assoc: Any) -> bool:
 def open_associations(assoc: Any) -> int:
     """Associations this AE has accepted or is negotiating, ``assoc`` not included.
 
-    Ones already rejected, released or aborted whose threads are still
-    winding down do not count: they hold no slot a caller could use.
+    Only a connection that has sent its A-ASSOCIATE-RQ counts: one still
+    silent (or gone before sending anything) holds no slot, so idle sockets
+    cannot lock senders out.  Ones already rejected, released or aborted whose
+    threads are still winding down do not count either.
     """
     return sum(1 for a in assoc.ae.active_associations
-               if a is not assoc and a.is_acceptor and not (a.is_rejected or a.is_released or a.is_aborted))
+               if a is not assoc and a.is_acceptor and getattr(a.requestor, "primitive", None) is not None
+               and not (a.is_rejected or a.is_released or a.is_aborted))
 
 
 def no_delay(assoc: Any) -> None:

@@ -11,6 +11,10 @@ Storage SCP (``storage_scp.py``) and the Query/Retrieve SCP
 
 With ``[node.tls] enabled`` the same AE listens a second time, with TLS, on
 its own port (``tls.py``); ``node.plain_enabled = false`` leaves only that one.
+Before any of this, ``server.py`` decides what a bare connection gets: peers
+outside ``node.allowed_addresses`` are closed at accept, TLS handshakes run in
+the connection's own thread, and silent connections are closed after
+``node.artim_timeout_s`` without ever holding an association slot.
 """
 
 from __future__ import annotations
@@ -18,17 +22,20 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pynetdicom import AE, _config, evt
 
+from dicom_node import events
 from dicom_node.config import NodeSettings
 from dicom_node.index.store import Store
 from dicom_node.logs import fields
 from dicom_node.net import statuses, tls
 from dicom_node.net.access import REJECT_INTERNAL_ERROR, AccessPolicy, Decision
 from dicom_node.net.association import Verification, called_ae, is_tls, open_associations
+from dicom_node.net.server import NodeAssociationServer
 
 log = logging.getLogger("dicom_node.net.listener")
 
@@ -85,9 +92,12 @@ class Listener:
         ae.add_supported_context(Verification, list(VERIFICATION_TRANSFER_SYNTAXES))
         ae.require_calling_aet = list(node.allowed_callers)
         ae.require_called_aet = False  # pipelines add called AE titles; the policy checks them
-        ae.maximum_associations = 2 * node.max_associations + 10
+        # pynetdicom counts every acceptor thread, silent ones included; ours counts only callers that
+        # sent an A-ASSOCIATE-RQ (association.open_associations), so pynetdicom's is only a backstop
+        ae.maximum_associations = 10 * node.max_associations + 1000
         ae.network_timeout = node.network_timeout_s
-        ae.acse_timeout = node.network_timeout_s
+        # on the acceptor this bounds the wait for the A-ASSOCIATE-RQ and PS3.8's ARTIM timer
+        ae.acse_timeout = node.artim_timeout_s
         ae.dimse_timeout = node.network_timeout_s
         for service in self.services:
             service.configure(ae)
@@ -99,8 +109,7 @@ class Listener:
         # C-STORE datasets are written to a temporary file as they arrive instead of memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
         node = self.cfg.node
-        context = (tls.server_context(node.tls, on_failure=tls.log_failures(),
-                                      handshake_timeout_s=min(node.network_timeout_s, tls.HANDSHAKE_TIMEOUT_S))
+        context = (tls.server_context(node.tls, on_failure=tls.log_failures(), handshake_timeout_s=None)
                    if node.tls.enabled else None)  # before listening: a bad key file fails the start
         self._ae = self.build_ae()
         handlers: list[evt.EventHandlerType] = [
@@ -122,8 +131,7 @@ class Listener:
         try:
             for name, port, ssl_context in listeners:
                 try:
-                    self._servers[name] = self._ae.start_server((node.host, port), block=False,
-                                                                evt_handlers=handlers, ssl_context=ssl_context)
+                    self._servers[name] = self._serve(self._ae, (node.host, port), handlers, ssl_context)
                 except OSError as exc:
                     key = "[node] port" if name == "plain" else "[node.tls] port"
                     raise OSError(f"cannot listen on {node.host}:{port} ({name}): {exc}; "
@@ -136,6 +144,17 @@ class Listener:
             called_ae_titles=list(self.policy.called_ae_titles), allowed_callers=len(node.allowed_callers),
             allowed_addresses=len(node.allowed_addresses), max_associations=node.max_associations))
         return self
+
+    def _serve(self, ae: AE, address: tuple[str, int], handlers: list[evt.EventHandlerType],
+               tls_context: ssl.SSLContext | None) -> NodeAssociationServer:
+        """``ae.start_server(block=False)`` with the node's accept rules (``server.py``): no handshake in the accepting thread."""
+        server: NodeAssociationServer = ae.make_server(  # type: ignore[assignment]  # returns server_class
+            address, evt_handlers=handlers, server_class=NodeAssociationServer,
+            admit=self.policy.admits_address, artim_timeout_s=self.cfg.node.artim_timeout_s, tls_context=tls_context)
+        thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True)
+        thread.start()
+        ae._servers.append(server)  # what start_server does: ae.shutdown() stops it with the others
+        return server
 
     def _bound(self, name: str) -> int | None:
         server = self._servers.get(name)
@@ -158,6 +177,45 @@ class Listener:
         if not self._servers:
             raise RuntimeError("listener not started")
         return self._bound("tls")
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets: no new association; open ones go on (the first step of a clean stop)."""
+        servers, self._servers = self._servers, {}
+        for server in servers.values():
+            server.shutdown()
+        if servers:
+            log.info("scp.accepting.stopped", extra=fields(ae_title=self.cfg.node.ae_title,
+                                                           open_associations=self.open_associations()))
+
+    def open_associations(self) -> int:
+        return len(self._ae.active_associations) if self._ae is not None else 0
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for open associations to end by themselves; returns how many are left.
+
+        Then waits (at most 2 s more) for C-STOREs being written to finish, so
+        what is aborted afterwards is never an instance half-way to the store.
+        """
+        deadline = time.monotonic() + timeout
+        while self.open_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for service in self.services:
+            wait_idle = getattr(service, "wait_idle", None)
+            if wait_idle is not None:
+                wait_idle(2.0)
+        return self.open_associations()
+
+    def apply_settings(self, cfg: NodeSettings) -> None:
+        """Take a reloaded configuration: access lists, association limit, Q/R settings (ports stay as bound)."""
+        self.cfg = cfg
+        self.policy = AccessPolicy.from_settings(cfg)
+        if self._ae is not None:
+            self._ae.require_calling_aet = list(cfg.node.allowed_callers)
+            self._ae.maximum_associations = 2 * cfg.node.max_associations + 10
+        for service in self.services:
+            apply = getattr(service, "apply_settings", None)
+            if apply is not None:
+                apply(cfg)
 
     def stop(self) -> None:
         """Stop listening and abort open associations (their unanswered stores are retried by the senders)."""
@@ -200,6 +258,7 @@ class Listener:
         assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
+        events.emit("scp.association", outcome="accepted")
         log.info("scp.association.accepted", extra=fields(calling_ae=event.assoc.requestor.ae_title,
                                                           called_ae=called_ae(event.assoc),
                                                           address=event.assoc.requestor.address,
@@ -207,6 +266,7 @@ class Listener:
                                                           contexts=len(event.assoc.accepted_contexts)))
 
     def _on_rejected(self, event: evt.Event) -> None:
+        events.emit("scp.association", outcome="rejected")
         assoc = event.assoc
         with self._lock:
             decision = self._decisions.pop(id(assoc), None)
@@ -243,10 +303,12 @@ class Listener:
 
 def node_listener(settings: NodeSettings, store: Store) -> Listener:
     """The listener a node runs: Verification and Storage, plus Query/Retrieve when ``[query_retrieve] enabled``."""
+    from dicom_node.index.disk import DiskGuard
     from dicom_node.net.query_retrieve import QueryRetrieveService
     from dicom_node.net.storage_scp import StorageService
 
-    services: list[Service] = [StorageService(store)]
+    services: list[Service] = [StorageService(store, settings.limits,
+                                              DiskGuard(settings.storage.root, settings.retention))]
     if settings.query_retrieve.enabled:
         services.append(QueryRetrieveService(settings, store))
     return Listener(settings, services)

@@ -45,13 +45,15 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.status import code_to_category
 
+from dicom_node import audit
 from dicom_node.config import DicomDestination, NodeSettings
 from dicom_node.index import db
 from dicom_node.index.matching import FindQuery, IdentifierError, RetrieveItem, matching_keys, retrieve_items
 from dicom_node.index.store import Store
 from dicom_node.logs import fields
 from dicom_node.net import scu, statuses, tls
-from dicom_node.net.association import Verification, no_delay
+from dicom_node.net.access import QueryRetrieveAccess
+from dicom_node.net.association import Verification, called_ae, no_delay
 from dicom_node.net.scu import MAX_CONTEXTS
 from dicom_node.net.storage_scp import STORAGE_SOP_CLASSES, STORAGE_TRANSFER_SYNTAXES
 
@@ -104,6 +106,9 @@ _MODELS: dict[str, str] = {
     PatientRootQueryRetrieveInformationModelMove: "PATIENT",
     StudyRootQueryRetrieveInformationModelMove: "STUDY",
 }
+
+#: every Q/R SOP class: rejected at negotiation for callers [query_retrieve] does not list
+_QR_SOP_CLASSES: frozenset[str] = frozenset(map(str, (*FIND_SOP_CLASSES, *GET_SOP_CLASSES, *MOVE_SOP_CLASSES)))
 
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 #: what a C-MOVE that sends nothing proposes: contexts any destination accepts at least one of
@@ -242,12 +247,45 @@ class QueryRetrieveService:
     def __init__(self, settings: NodeSettings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.access = QueryRetrieveAccess(settings.query_retrieve)
+        self.audit = audit.trail_for(store.root, settings.node.ae_title)
+
+    def apply_settings(self, settings: NodeSettings) -> None:
+        """A reloaded configuration: C-MOVE destinations follow at once (``enabled`` needs a restart)."""
+        self.settings = settings
 
     # -- wiring -------------------------------------------------------------------------
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """The listener's event handlers for this service."""
-        return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
+        return [(evt.EVT_REQUESTED, self.on_requested),
+                (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Authorization: a caller not in ``[query_retrieve]``'s lists gets no Q/R presentation context.
+
+        Runs after the listener's access check (bound after it).  The caller
+        may still store and echo; its C-FIND/C-GET/C-MOVE contexts are
+        rejected (abstract syntax not supported), the one refusal every SCU
+        understands and one that needs no sub-association to a destination.
+        """
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:
+            return
+        rq = assoc.requestor.primitive
+        proposed = {str(cx.abstract_syntax) for cx in (rq.presentation_context_definition_list if rq else [])}
+        asked = proposed & _QR_SOP_CLASSES
+        if not asked:
+            return  # a modality that only stores: nothing to decide
+        decision = self.access.decide(rq.calling_ae_title if rq else "", assoc.requestor.address)
+        if decision.allowed:
+            return
+        assoc.acceptor.supported_contexts = [cx for cx in assoc.acceptor.supported_contexts
+                                             if str(cx.abstract_syntax) not in _QR_SOP_CLASSES]
+        log.warning("qr.refused", extra=fields(
+            calling_ae=(rq.calling_ae_title if rq else "").strip(), address=assoc.requestor.address,
+            rule=decision.rule, reason=decision.why, contexts_refused=len(asked),
+            action="add the workstation to [query_retrieve] allowed_callers / allowed_addresses"))
 
     def configure(self, ae: AE) -> None:
         """Add the Q/R contexts, and accept the SCP role for storage so C-GET callers receive on their association.
@@ -312,7 +350,7 @@ class QueryRetrieveService:
             yield _status(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
         except Exception as exc:  # noqa: BLE001 - an undecodable identifier
-            log.warning("qr.find.rejected", extra=fields(**where, reason=f"cannot decode the identifier: {exc}",
+            log.warning("qr.find.rejected", extra=fields(**where, reason=f"cannot decode the identifier: {type(exc).__name__}",
                                                          status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
             yield _status(statuses.CANNOT_UNDERSTAND, "cannot decode the identifier"), None
             return
@@ -327,23 +365,101 @@ class QueryRetrieveService:
             yield _status(statuses.CANNOT_UNDERSTAND, "the node's index cannot be read; tell its operator"), None
             return
         ae_title = self.settings.node.ae_title
-        for sent, row in enumerate(rows):
-            if event.is_cancelled:
-                log.info("qr.find.cancelled", extra=fields(**where, matches=len(rows), sent=sent))
-                yield statuses.CANCEL, None
-                return
-            yield statuses.PENDING, query.response(row, ae_title)
-        log.info("qr.find.done", extra=fields(**where, matches=len(rows),
-                                              duration_ms=round((time.monotonic() - started) * 1000)))
+        answered: list[Dataset] = []
+        try:
+            for sent, row in enumerate(rows):
+                if event.is_cancelled:
+                    log.info("qr.find.cancelled", extra=fields(**where, matches=len(rows), sent=sent))
+                    yield statuses.CANCEL, None
+                    return
+                response = query.response(row, ae_title)
+                answered.append(response)
+                yield statuses.PENDING, response
+            log.info("qr.find.done", extra=fields(**where, matches=len(rows),
+                                                  duration_ms=round((time.monotonic() - started) * 1000)))
+        finally:
+            self._audit_find(event, query.level, where.get("keys", []), len(rows), answered)
 
     # -- C-GET / C-MOVE -----------------------------------------------------------------
+
+    # -- audit trail (audit.py) ---------------------------------------------------------
+
+    def _caller(self, event: evt.Event, *, role: dict[str, str] | None = None) -> audit.Participant:
+        assoc = event.assoc
+        return audit.Participant(assoc.requestor.ae_title, assoc.requestor.address, True, role)
+
+    def _node(self, event: evt.Event, role: dict[str, str] | None = None) -> audit.Participant:
+        return audit.Participant(called_ae(event.assoc) or self.settings.node.ae_title, None, False, role)
+
+    #: most studies one Query record names (a C-FIND for everything should not make a record of megabytes)
+    AUDIT_MAX_STUDIES = 1000
+
+    def _audit_find(self, event: evt.Event, level: str, keys: list[str], matches: int,
+                    answered: list[Dataset]) -> None:
+        studies: dict[str, audit.Study] = {}
+        patients: set[str] = set()
+        for ds in answered[:self.AUDIT_MAX_STUDIES]:
+            pid = str(ds.get("PatientID", "") or "") or None
+            uid = str(ds.get("StudyInstanceUID", "") or "")
+            if uid:
+                studies.setdefault(uid, audit.Study(uid, pid))
+            elif pid:
+                patients.add(pid)
+        objects = [*audit.study_objects(studies.values()),
+                   *({"ParticipantObjectTypeCode": 1, "ParticipantObjectTypeCodeRole": 1,
+                      "ParticipantObjectIDTypeCode": {"code": "2", "codeSystemName": "RFC-3881",
+                                                      "displayName": "Patient Number"},
+                      "ParticipantObjectID": p} for p in sorted(patients - {s.patient_id for s in studies.values()}))]
+        self.audit.record(audit.QUERY, audit.EXECUTE, audit.SUCCESS, [self._caller(event), self._node(event)], objects,
+                          query={"sop_class_uid": str(event.request.AffectedSOPClassUID), "query_level": level,
+                                 "keys": keys, "matches": matches, "answered": len(answered)})
+
+    def _studies_of(self, items: list[RetrieveItem]) -> dict[str, audit.Study]:
+        """Per study (with its Patient ID), the instances of ``items`` by SOP class."""
+        by_series: dict[str, tuple[str, str | None]] = {}
+        series = sorted({i.series_uid for i in items})
+        try:
+            with self._index() as conn:
+                for start in range(0, len(series), 500):
+                    chunk = series[start:start + 500]
+                    rows = conn.execute(
+                        "SELECT s.series_uid, st.study_uid, st.patient_id FROM series s "
+                        f"JOIN studies st ON st.study_uid = s.study_uid WHERE s.series_uid IN ({', '.join('?' * len(chunk))})",
+                        chunk).fetchall()
+                    by_series.update({r[0]: (r[1], r[2]) for r in rows})
+        except sqlite3.Error:
+            pass  # the record then names series' studies as unknown; the retrieve itself went on
+        studies: dict[str, audit.Study] = {}
+        for item in items:
+            study_uid, patient_id = by_series.get(item.series_uid, ("unknown", None))
+            studies.setdefault(study_uid, audit.Study(study_uid, patient_id)).add(item.sop_class_uid)
+        return studies
+
+    def _audit_retrieve(self, event: evt.Event, items: list[RetrieveItem], subops: _SubOps,
+                        destination: audit.Participant | None) -> None:
+        sent = items[:subops.yielded]
+        if not sent:
+            return
+        counts = subops.counts()
+        outcome = (audit.SUCCESS if not counts["failed"] and not counts["warning"] else
+                   audit.SERIOUS_FAILURE if counts["failed"] >= len(sent) else audit.MINOR_FAILURE)
+        if destination is None:  # C-GET: the caller receives on its own association
+            participants = [self._node(event, audit.SOURCE_ROLE), self._caller(event, role=audit.DESTINATION_ROLE)]
+        else:  # C-MOVE: the caller asked, the node sent to the destination
+            participants = [self._caller(event), self._node(event, audit.SOURCE_ROLE), destination]
+        for study in self._studies_of(sent).values():
+            self.audit.record(audit.INSTANCES_TRANSFERRED, audit.READ, outcome, participants,
+                              audit.study_objects([study]),
+                              description=f"{'C-GET' if destination is None else 'C-MOVE'}: "
+                                          f"{counts['completed']} completed, {counts['warning']} warning, "
+                                          f"{counts['failed']} failed")
 
     def _items(self, event: evt.Event, model: str) -> tuple[list[RetrieveItem], Dataset | None, str, str | None]:
         """(items, failure status or None, why, query level): the instances the identifier names."""
         try:
             identifier = event.identifier
         except Exception as exc:  # noqa: BLE001 - whatever pydicom raises for a broken identifier
-            why = f"cannot decode the identifier: {exc}"
+            why = f"cannot decode the identifier: {type(exc).__name__}"  # its text may quote key values
             return [], _status(statuses.DOES_NOT_MATCH_SOP_CLASS, "cannot decode the identifier"), why, None
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper() or None
         try:
@@ -405,6 +521,7 @@ class QueryRetrieveService:
             yield from self._sub_operations(event, items, subops, accepted, "get", where)
         finally:
             assoc.unbind(evt.EVT_DIMSE_RECV, subops.on_dimse_recv)
+            self._audit_retrieve(event, items, subops, None)
             log.info("qr.get.done", extra=fields(**where, instances=len(items), **subops.counts(),
                                                  sent_as=dict(subops.actions),
                                                  duration_ms=round((time.monotonic() - started) * 1000)))
@@ -474,6 +591,8 @@ class QueryRetrieveService:
                     **where, host=dest.host, port=dest.port, tls=dest.tls is not None,
                     status=statuses.hex_status(statuses.MOVE_DESTINATION_UNKNOWN), reason=reason))
             else:
+                self._audit_retrieve(event, items, subops, audit.Participant(
+                    dest.ae_title, dest.host, False, audit.DESTINATION_ROLE))
                 log.info("qr.move.done", extra=fields(**where, instances=len(items), **subops.counts(),
                                                       sent_as=dict(subops.actions),
                                                       duration_ms=round((time.monotonic() - started) * 1000)))

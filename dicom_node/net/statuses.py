@@ -32,9 +32,11 @@ CANNOT_UNDERSTAND = 0xC000
 #: what the Storage SCP answers, and what it means there
 STORAGE_SCP: dict[int, str] = {
     SUCCESS: "stored: written, fsynced, renamed into place and indexed",
-    OUT_OF_RESOURCES: "the node's disk or database failed; retry later",
-    DOES_NOT_MATCH_SOP_CLASS: "missing or invalid UIDs, UIDs that differ from the command, impossible image attributes",
-    CANNOT_UNDERSTAND: "the dataset cannot be parsed or its pixel data cannot be decoded, or it exceeds a decoding limit",
+    OUT_OF_RESOURCES: "the node's disk or database failed, free disk space is below the retention reserve, or the "
+                      "instance exceeds a decoding limit ([limits]); retry later",
+    DOES_NOT_MATCH_SOP_CLASS: "missing or invalid UIDs, UIDs that differ from the command, an image without Pixel Data, "
+                              "impossible image attributes, an attribute with the wrong VR",
+    CANNOT_UNDERSTAND: "the dataset cannot be parsed or its pixel data cannot be decoded to what it declares",
 }
 
 #: what the Query/Retrieve SCP answers (C-FIND, C-GET, C-MOVE), and what it means there

@@ -8,7 +8,7 @@ each rejection is logged with its reason and the exact DIMSE status the sender
 sees, so an operator can tell a misbehaving modality from a full disk.
 
 Datasets are never held whole in memory: pynetdicom writes each incoming
-dataset to a temporary file while it arrives; the handler copies it behind our
+dataset to a temporary file while it arrives (``<root>/tmp/spool``, ``spool.py``); the handler copies it behind our
 own File Meta Information into the store's ``tmp`` folder and hands that file
 to the store.
 """
@@ -46,11 +46,16 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
+from dicom_node import audit, events
+from dicom_node.config import LimitsConfig
 from dicom_node.dicom import validation
+from dicom_node.dicom.uids import UID_PATTERN
+from dicom_node.index.disk import DiskGuard
 from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
-from dicom_node.net import statuses
+from dicom_node.net import spool, statuses
 from dicom_node.net.association import called_ae
+from fusion.environment import crash_point
 
 log = logging.getLogger("dicom_node.net.storage_scp")
 
@@ -100,6 +105,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
 _PROBLEM_STATUS = {
     validation.MISMATCH: statuses.DOES_NOT_MATCH_SOP_CLASS,
     validation.UNDECODABLE: statuses.CANNOT_UNDERSTAND,
+    validation.OVER_LIMIT: statuses.OUT_OF_RESOURCES,
 }
 
 
@@ -139,30 +145,63 @@ def write_part10(event: evt.Event, dest: Path, calling_ae: str) -> None:
             shutil.copyfileobj(src, out, 1 << 20)
 
 
+def _loggable_uid(value: object) -> str:
+    """The command's SOP Instance UID for the log, or a placeholder: a hostile sender can put anything there.
+
+    Only a well-formed UID is written as it came; anything else (a patient ID,
+    a path, bytes) is described by its length, so the log never carries it.
+    """
+    text = str(value or "").strip().rstrip("\x00")
+    if 0 < len(text) <= 64 and UID_PATTERN.match(text):
+        return text
+    return f"<invalid UID, {len(text)} characters>"
+
+
 class _Counts:
-    __slots__ = ("stored", "duplicates", "rejected")
+    __slots__ = ("stored", "duplicates", "rejected", "studies")
 
     def __init__(self) -> None:
         self.stored = self.duplicates = self.rejected = 0
+        #: what the audit trail records at the end of the association, per study
+        self.studies: dict[str, audit.Study] = {}
 
 
 class StorageService:
     """C-STORE for the listener: every storage SOP class, streamed to the store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: LimitsConfig | None = None, disk: DiskGuard | None = None) -> None:
         self.store = store
+        #: decoding limits and the decode slots shared by every association (docs/reliability.md)
+        self.gate = validation.DecodeGate(limits or LimitsConfig())
+        #: refuses C-STORE (0xA700) while free space is below the retention reserve; None = never
+        self.disk = disk
         self._counts: dict[int, _Counts] = {}
+        self._audited: dict[int, _Counts] = {}
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no C-STORE is being written (a clean stop waits for this before aborting associations)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def apply_settings(self, cfg: Any) -> None:
+        if self.disk is not None:
+            self.disk.apply_settings(cfg.retention)
 
     # -- the listener's service protocol (dicom_node.net.listener.Service) --------------
 
     def configure(self, ae: AE) -> None:
         self.store.ensure_schema()  # before the first C-STORE: folders and index exist
+        spool.attach(ae, self.store.tmp_dir / "spool")  # pynetdicom's spool files inside the root, 0600
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
 
     def handlers(self) -> list[tuple[Any, Any]]:
-        return [(evt.EVT_C_STORE, self.on_store)]
+        return [(evt.EVT_C_STORE, self.on_store), *spool.HANDLERS,
+                (evt.EVT_RELEASED, self._audit_end), (evt.EVT_ABORTED, self._audit_end),
+                (evt.EVT_CONN_CLOSE, self._audit_end)]
 
     def summary(self, assoc: Any) -> dict[str, int]:
         """What this association stored; forgotten afterwards (the listener logs it at release/abort)."""
@@ -172,29 +211,63 @@ class StorageService:
 
     def _counts_for(self, assoc: Any) -> _Counts:
         with self._lock:
-            return self._counts.setdefault(id(assoc), _Counts())
+            counts = self._counts.setdefault(id(assoc), _Counts())
+            self._audited.setdefault(id(assoc), counts)
+            return counts
+
+    def _audit_end(self, event: evt.Event) -> None:
+        """One audit record per study this association sent us (``audit.py``), however it ended."""
+        with self._lock:
+            counts = self._audited.pop(id(event.assoc), None)
+        if counts is None or not counts.studies:
+            return
+        assoc = event.assoc
+        node_ae = called_ae(assoc) or assoc.acceptor.ae_title
+        trail = audit.trail_for(self.store.root, assoc.acceptor.ae_title)
+        participants = [audit.Participant(assoc.requestor.ae_title, assoc.requestor.address, True, audit.SOURCE_ROLE),
+                        audit.Participant(node_ae, None, False, audit.DESTINATION_ROLE)]
+        outcome = audit.SUCCESS if not counts.rejected else audit.MINOR_FAILURE
+        for study in counts.studies.values():
+            trail.record(audit.INSTANCES_TRANSFERRED, audit.CREATE, outcome, participants, audit.study_objects([study]),
+                         description=f"received: {counts.rejected} instance(s) refused on this association"
+                         if counts.rejected else None)
 
     # -- C-STORE ------------------------------------------------------------------------
 
     def on_store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
-        sop_uid = str(_c_store(event).AffectedSOPInstanceUID)
+        sop_uid = _loggable_uid(_c_store(event).AffectedSOPInstanceUID)
         counts = self._counts_for(event.assoc)
+        with self._lock:
+            self._in_flight += 1
         try:
-            status = self._store(event, calling_ae, sop_uid, counts)
+            status = self._guarded_store(event, calling_ae, sop_uid, counts)
         except Exception:
             # A bug must cost one instance, never the listener.
             log.exception("scp.store.error", extra=fields(sop_instance_uid=sop_uid, calling_ae=calling_ae,
                                                           status=statuses.hex_status(statuses.CANNOT_UNDERSTAND)))
             status = statuses.CANNOT_UNDERSTAND
+            events.emit("scp.instance", outcome="error", bytes=0)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
         if status != statuses.SUCCESS:
             counts.rejected += 1
         return status
+
+    def _guarded_store(self, event: evt.Event, calling_ae: str, sop_uid: str, counts: _Counts) -> int:
+        if self.disk is not None:
+            short = self.disk.below_reserve()
+            if short is not None:
+                return self._reject(statuses.OUT_OF_RESOURCES, "disk below the reserve", short, sop_uid, calling_ae)
+        return self._store(event, calling_ae, sop_uid, counts)
 
     def _reject(self, status: int, reason: str, detail: str, sop_uid: str, calling_ae: str) -> int:
         # detail is an exception text about tags and lengths; capped so a decoder cannot flood the log
         log.warning("scp.store.rejected", extra=fields(reason=reason, detail=detail[:300], sop_instance_uid=sop_uid,
                                                        calling_ae=calling_ae, status=statuses.hex_status(status)))
+        events.emit("scp.instance", outcome="rejected", bytes=0)
         return status
 
     def _store(self, event: evt.Event, calling_ae: str, sop_uid: str, counts: _Counts) -> int:
@@ -205,7 +278,8 @@ class StorageService:
             except OSError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "cannot write temporary file",
                                     f"{exc}; check free space under {self.store.root}", sop_uid, calling_ae)
-            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID), sop_uid)
+            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID),
+                                                  str(_c_store(event).AffectedSOPInstanceUID), self.gate)
             if problem is not None:
                 return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
             try:
@@ -216,6 +290,12 @@ class StorageService:
                 return self._reject(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc), "", sop_uid, calling_ae)
         finally:
             tmp.unlink(missing_ok=True)  # consumed on success; removed on every other path
+        study = counts.studies.setdefault(result.study_uid, audit.Study(result.study_uid))
+        study.patient_id = study.patient_id or result.patient_id
+        study.add(result.sop_class_uid)
+        crash_point("receive")  # fault tests: stored and indexed, not yet answered
+        events.emit("scp.instance", outcome="duplicate" if result.duplicate else "stored",
+                    bytes=_size(result.path))
         if result.duplicate:
             counts.duplicates += 1
             log.info("scp.store.duplicate", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
@@ -225,3 +305,10 @@ class StorageService:
             log.debug("scp.store.ok", extra=fields(sop_instance_uid=sop_uid, series_uid=result.series_uid,
                                                    calling_ae=calling_ae))
         return statuses.SUCCESS
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

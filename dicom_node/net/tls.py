@@ -40,8 +40,10 @@ log = logging.getLogger("dicom_node.net.tls")
 #: TLS 1.2 suites allowed (BCP 195 / RFC 9325 section 4.2): AEAD with forward secrecy only
 BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!aPSK:!SHA1"
 
-#: ceiling on a TLS handshake in the listener: it runs in the accepting thread, so a peer
-#: that connects and stays silent must not hold the port longer than this
+#: default ceiling on a server-side handshake done by :meth:`NodeSSLContext.wrap_socket`.  The
+#: node's listener does not use it: it wraps without handshaking and runs the handshake in the
+#: connection's own thread, bounded by ``node.artim_timeout_s`` (``server.py``), so a silent
+#: peer delays nobody else
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -155,7 +157,7 @@ def _load_cas(ctx: ssl.SSLContext, cafile: Path, key: str) -> None:
 
 
 def server_context(cfg: NodeTLS, on_failure: Callable[[str, str, str], None] | None = None,
-                   handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> NodeSSLContext:
+                   handshake_timeout_s: float | None = HANDSHAKE_TIMEOUT_S) -> NodeSSLContext:
     """The listener's context: our certificate, callers verified against ``ca_certificates``."""
     if cfg.certificate is None or cfg.private_key is None:
         raise TLSConfigError("node.tls: certificate and private_key must be set to listen with TLS")

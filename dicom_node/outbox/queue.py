@@ -10,9 +10,18 @@ States::
 
     pending --(process_due: claimed)--> sending --(0x0000 / warning)--> sent
        ^                                   |
-       |---(failure, attempts < max)-------|
-                                           `--(attempts >= max, or unreadable file)--> dead
+       |---(failure, within retry_for_s)---|
+                                           `--(retry_for_s since the first failure, max_attempts,
+                                               or unreadable file)--> dead
     dead/pending --(retry)--> pending (attempts reset, due now)
+
+Retries are bounded by *time* (``outbox.retry_for_s``, 24 h by default) with
+exponential backoff capped at ``backoff_max_s`` (:func:`retry_delay`), so an
+outage of hours is bridged without an operator and delivery resumes at most
+``backoff_max_s`` after the peer is back.  Each destination's health is kept in
+table ``outbox_destinations``: failing for ``alert_after_s`` logs
+``outbox.destination.down`` once per outage, the first success afterwards
+``outbox.destination.up``.
 
 Each :meth:`Outbox.process_due` call hands every destination's due items (up
 to :attr:`Outbox.batch_size`) to the sender of its ``kind`` (``senders.py``:
@@ -36,19 +45,22 @@ from typing import Any, Protocol
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.config import NodeSettings
+from dicom_node import audit, events
+from dicom_node.config import NodeSettings, OutboxConfig
 from dicom_node.index import db
 from dicom_node.logs import fields
 from dicom_node.net.scu import MAX_CONTEXTS
 from dicom_node.net.statuses import hex_status
 from dicom_node.outbox.senders import Outcome, Work, sender_for
 from dicom_node.states import OutboxState, check_in
+from fusion.environment import crash_point
 
 log = logging.getLogger("dicom_node.outbox")
 
 STATES = tuple(s.value for s in OutboxState)
 
-__all__ = ["MAX_CONTEXTS", "Outbox", "OutboxItem", "Queued", "STATES", "ensure_schema"]
+__all__ = ["MAX_CONTEXTS", "Outbox", "OutboxItem", "Queued", "STATES", "SeriesGroup", "attempt_schedule",
+           "ensure_schema", "gives_up", "retry_delay"]
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS outbox (
@@ -69,12 +81,58 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
+CREATE TABLE IF NOT EXISTS outbox_destinations (
+    destination   TEXT PRIMARY KEY,
+    failing_since REAL NULL,
+    down_alerted  INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT NULL
+);
 """
+
+#: columns added after the first release: (name, declaration); added by :func:`ensure_schema`
+_ADDED_COLUMNS = (
+    ("series_uid", "TEXT NULL"),          # groups dead letters by series (`outbox list`, `retry --series`)
+    ("first_failed_at", "REAL NULL"),     # start of the retry window (retry_for_s)
+)
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the ``outbox`` table and its indexes if missing (idempotent)."""
+    """Create the ``outbox`` tables and indexes if missing, add newer columns to an older table (idempotent)."""
     conn.executescript(SCHEMA)
+    have = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+    for name, decl in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
+    conn.execute("CREATE INDEX IF NOT EXISTS outbox_series ON outbox (series_uid)")
+
+
+def retry_delay(cfg: OutboxConfig, attempts: int) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt: doubling from ``backoff_initial_s``, capped."""
+    exponent = min(max(attempts - 1, 0), 60)  # 2**60 s is far beyond any cap; avoids float overflow
+    return float(min(cfg.backoff_initial_s * 2 ** exponent, cfg.backoff_max_s))
+
+
+def gives_up(cfg: OutboxConfig, attempts: int, first_failed_at: float, now: float) -> bool:
+    """True when an item that has failed ``attempts`` times, first at ``first_failed_at``, is dead at ``now``."""
+    if cfg.max_attempts and attempts >= cfg.max_attempts:
+        return True
+    return now - first_failed_at >= cfg.retry_for_s
+
+
+def attempt_schedule(cfg: OutboxConfig) -> builtins.list[float]:
+    """Seconds after the first failure at which an always-failing item is tried again; the last one's failure is final.
+
+    The operator's question "how long an outage does the outbox bridge, and how
+    soon after the PACS is back does it deliver?" is answered by this list: the
+    last value is when it gives up, the largest gap how late delivery can resume.
+    """
+    times: builtins.list[float] = []
+    t, attempts = 0.0, 1
+    while not gives_up(cfg, attempts, 0.0, t):
+        t += retry_delay(cfg, attempts)
+        times.append(t)
+        attempts += 1
+    return times
 
 
 @dataclass(frozen=True)
@@ -92,6 +150,8 @@ class OutboxItem:
     last_error: str | None
     created_at: float
     updated_at: float
+    series_uid: str | None = None
+    first_failed_at: float | None = None
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> OutboxItem:
@@ -109,7 +169,28 @@ class OutboxItem:
             last_error=row["last_error"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            series_uid=row["series_uid"],
+            first_failed_at=row["first_failed_at"],
         )
+
+
+@dataclass(frozen=True)
+class SeriesGroup:
+    """Outbox rows of one series to one destination in one state: what ``fusion-node outbox list`` shows."""
+
+    destination: str
+    series_uid: str | None
+    state: str
+    count: int
+    last_error: str | None
+    last_update: float
+
+    @property
+    def retry_command(self) -> str:
+        """The exact command that makes this group due again."""
+        if self.series_uid is None:
+            return f"fusion-node outbox retry --destination {self.destination}"
+        return f"fusion-node outbox retry --series {self.series_uid} --destination {self.destination}"
 
 
 class Queued(Protocol):
@@ -131,13 +212,15 @@ class QueuedFile:
     sop_instance_uid: str
     sop_class_uid: str
     path: Path
+    series_uid: str | None = None
 
     @classmethod
     def read(cls, path: Path) -> QueuedFile:
         """The UIDs from a file's header (for files the node did not just store itself)."""
         path = Path(path).resolve()
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID",
+                                                                                 "SeriesInstanceUID"])
         except InvalidDicomError as exc:
             raise ValueError(f"{path}: not a DICOM file ({exc})") from None
         meta = getattr(ds, "file_meta", None)
@@ -145,7 +228,8 @@ class QueuedFile:
         sop_inst = ds.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else None)
         if not sop_class or not sop_inst:
             raise ValueError(f"{path}: no SOP Class UID / SOP Instance UID in the header")
-        return cls(str(sop_inst), str(sop_class), path)
+        series = ds.get("SeriesInstanceUID")
+        return cls(str(sop_inst), str(sop_class), path, str(series) if series else None)
 
 
 class Outbox:
@@ -166,10 +250,13 @@ class Outbox:
         *,
         calling_ae: str | None = None,
         recover_interrupted: bool = True,
+        audit_trail: audit.AuditTrail | None = None,
     ) -> None:
         self.db_path = Path(db_path)
         self.settings = settings
         self.calling_ae = calling_ae or settings.node.ae_title
+        #: where deliveries are recorded; the node passes its store's, else beside the database
+        self.audit = audit_trail or audit.AuditTrail(self.db_path.parent / "audit", self.calling_ae)
         self._local = threading.local()
         self._conns: builtins.list = []
         self._conns_lock = threading.Lock()
@@ -250,37 +337,53 @@ class Outbox:
         Idempotent on (destination, SOP Instance UID): an instance already
         queued, sent or dead is left as it is (revive dead ones with :meth:`retry`).
         """
+        with db.transaction(self._conn()) as conn:
+            new = self.enqueue_in(conn, destination, items, job_id)
+        self.wake()
+        return new
+
+    def enqueue_in(self, conn: sqlite3.Connection, destination: str, items: Sequence[Queued | Path],
+                   job_id: int | None = None) -> int:
+        """:meth:`enqueue` inside the caller's open transaction on ``conn`` (the rows commit with it).
+
+        The node queues a derived series in the transaction that indexes it
+        (``Store.publish``), so it is sent only once it is complete.  Call
+        :meth:`wake` after the commit.
+        """
         self._check_destination(destination)
-        entries: builtins.list[tuple[str, str, str]] = []
+        entries: builtins.list[tuple[str, str, str, str | None]] = []
         for item in items:
             q = QueuedFile.read(item) if isinstance(item, (str, Path)) else item
-            entries.append((str(q.sop_instance_uid), str(q.sop_class_uid), str(Path(q.path).resolve())))
-
+            series = getattr(q, "series_uid", None)  # store results and QueuedFile carry it
+            entries.append((str(q.sop_instance_uid), str(q.sop_class_uid), str(Path(q.path).resolve()),
+                            str(series) if series else None))
         t = db.now()
         new = 0
-        with db.transaction(self._conn()) as conn:
-            for sop_inst, sop_class, path in entries:
-                new += conn.execute(
-                    "INSERT INTO outbox (destination, sop_instance_uid, sop_class_uid, path, job_id, state,"
-                    " attempts, next_attempt_at, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)"
-                    " ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
-                    (destination, sop_inst, sop_class, path, job_id, t, t, t),
-                ).rowcount
+        for sop_inst, sop_class, path, series in entries:
+            new += conn.execute(
+                "INSERT INTO outbox (destination, sop_instance_uid, sop_class_uid, path, job_id, state,"
+                " attempts, next_attempt_at, created_at, updated_at, series_uid)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)"
+                " ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
+                (destination, sop_inst, sop_class, path, job_id, t, t, t, series),
+            ).rowcount
         log.info(
             "outbox.enqueued",
             extra=fields(destination=destination, job_id=job_id, new=new, already_queued=len(entries) - new,
                          sop_instance_uids=[e[0] for e in entries]),
         )
-        if new:
-            self._wake.set()
         return new
 
-    def retry(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
-        """Put dead (or pending) items back to pending, attempts reset, due now; returns how many.
+    def wake(self) -> None:
+        """Tell the worker that new rows are due (after the transaction that queued them committed)."""
+        self._wake.set()
 
-        ``ids`` and ``destination`` narrow the selection; with neither, every dead
-        and pending item is reset.  Sent items are never touched.
+    def retry(self, ids: Sequence[int] | None = None, destination: str | None = None,
+              series_uid: str | None = None) -> int:
+        """Put dead (or pending) items back to pending, attempts and retry window reset, due now; returns how many.
+
+        ``ids``, ``destination`` and ``series_uid`` narrow the selection; with
+        none, every dead and pending item is reset.  Sent items are never touched.
         """
         where = ["state IN ('dead', 'pending')"]
         args: builtins.list = []
@@ -293,14 +396,17 @@ class Outbox:
         if destination is not None:
             where.append("destination = ?")
             args.append(destination)
+        if series_uid is not None:
+            where.append("series_uid = ?")
+            args.append(series_uid)
         t = db.now()
         with db.transaction(self._conn()) as conn:
             n = conn.execute(
-                "UPDATE outbox SET state='pending', attempts=0, next_attempt_at=?, updated_at=?"
+                "UPDATE outbox SET state='pending', attempts=0, first_failed_at=NULL, next_attempt_at=?, updated_at=?"
                 f" WHERE {' AND '.join(where)}",
                 [t, t, *args],
             ).rowcount
-        log.info("outbox.requeued", extra=fields(items=n, ids=ids, destination=destination))
+        log.info("outbox.requeued", extra=fields(items=n, ids=ids, destination=destination, series_uid=series_uid))
         if n:
             self._wake.set()
         return n
@@ -319,6 +425,32 @@ class Outbox:
                 args.append(val)
         sql = "SELECT * FROM outbox" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
         return [OutboxItem._from_row(r) for r in self._conn().execute(sql, args)]
+
+    def groups(self, state: str | None = None, destination: str | None = None) -> builtins.list[SeriesGroup]:
+        """Rows grouped by (destination, series, state), dead first: the operator's view of the queue."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+        where, args = [], []
+        for col, val in (("state", state), ("destination", destination)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = ("SELECT destination, series_uid, state, COUNT(*) AS n, MAX(updated_at) AS last_update,"
+               " (SELECT last_error FROM outbox o2 WHERE o2.destination = o.destination AND o2.state = o.state"
+               "  AND o2.series_uid IS o.series_uid AND o2.last_error IS NOT NULL"
+               "  ORDER BY o2.updated_at DESC LIMIT 1) AS last_error"
+               " FROM outbox o" + (f" WHERE {' AND '.join(where)}" if where else "") +
+               " GROUP BY destination, series_uid, state"
+               " ORDER BY CASE state WHEN 'dead' THEN 0 WHEN 'sending' THEN 1 WHEN 'pending' THEN 2 ELSE 3 END,"
+               " destination, last_update")
+        return [SeriesGroup(r["destination"], r["series_uid"], r["state"], r["n"], r["last_error"], r["last_update"])
+                for r in self._conn().execute(sql, args)]
+
+    def destination_health(self) -> dict[str, dict[str, Any]]:
+        """``{destination: {failing_since, down_alerted, last_error}}`` for destinations that have failed."""
+        return {r["destination"]: {"failing_since": r["failing_since"], "down_alerted": bool(r["down_alerted"]),
+                                   "last_error": r["last_error"]}
+                for r in self._conn().execute("SELECT * FROM outbox_destinations WHERE failing_since IS NOT NULL")}
 
     def summary(self) -> dict[str, dict[str, int]]:
         """``{destination: {state: count}}`` for configured destinations and any with rows; all four states present."""
@@ -401,7 +533,9 @@ class Outbox:
                 " WHERE id=?",
                 (status, db.now(), w.id),
             )
+        crash_point("send")  # fault tests: sent and recorded, the rest of the batch not
         warning = status != 0x0000
+        events.emit("outbox.sent", destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid)
         log.log(
             logging.WARNING if warning else logging.INFO,
             "outbox.sent",
@@ -415,36 +549,103 @@ class Outbox:
         cfg = self.settings.outbox
         attempts = w.attempts + 1
         t = self._clock(now)
-        dead = permanent or attempts >= cfg.max_attempts
-        delay = min(cfg.backoff_initial_s * 2 ** (attempts - 1), cfg.backoff_max_s)
-        next_at = t if dead else t + delay
+        delay = retry_delay(cfg, attempts)
         with db.transaction(self._conn()) as conn:
+            row = conn.execute("SELECT first_failed_at FROM outbox WHERE id=?", (w.id,)).fetchone()
+            first = t if row is None or row["first_failed_at"] is None else float(row["first_failed_at"])
+            dead = permanent or gives_up(cfg, attempts, first, t)
+            next_at = t if dead else t + delay
             conn.execute(
-                "UPDATE outbox SET state=?, attempts=?, next_attempt_at=?, last_status=?, last_error=?, updated_at=?"
-                " WHERE id=?",
-                ("dead" if dead else "pending", attempts, next_at, status, error, db.now(), w.id),
+                "UPDATE outbox SET state=?, attempts=?, next_attempt_at=?, last_status=?, last_error=?, updated_at=?,"
+                " first_failed_at=? WHERE id=?",
+                ("dead" if dead else "pending", attempts, next_at, status, error, db.now(), first, w.id),
             )
         if dead:
             log.error("outbox.dead", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
-                                                  attempts=attempts, status=hex_status(status), error=error))
+                                                  attempts=attempts, status=hex_status(status), error=error,
+                                                  failing_for_s=round(t - first, 1),
+                                                  reason="permanent" if permanent else "retry window over"))
+            events.emit("outbox.dead", destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
+                        attempts=attempts, error=error)
             return "dead"
         log.warning("outbox.retry", extra=fields(destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid,
                                                  attempts=attempts, status=hex_status(status), error=error,
                                                  retry_in_s=delay, next_attempt_at=next_at))
         return "pending"
 
+    def _destination_failed(self, dest: str, error: str, now: float | None) -> None:
+        """Note that ``dest`` failed; the first time it has failed for ``alert_after_s``, alert once."""
+        t = self._clock(now)
+        with db.transaction(self._conn()) as conn:
+            conn.execute("INSERT INTO outbox_destinations (destination, failing_since, last_error) VALUES (?, ?, ?)"
+                         " ON CONFLICT (destination) DO UPDATE SET last_error = excluded.last_error,"
+                         " failing_since = COALESCE(failing_since, excluded.failing_since)", (dest, t, error))
+            row = conn.execute("SELECT failing_since, down_alerted FROM outbox_destinations WHERE destination=?",
+                               (dest,)).fetchone()
+            since = float(row["failing_since"])
+            alert = not row["down_alerted"] and t - since >= self.settings.outbox.alert_after_s
+            if alert:
+                conn.execute("UPDATE outbox_destinations SET down_alerted=1 WHERE destination=?", (dest,))
+        if alert:
+            pending = self._conn().execute("SELECT COUNT(*) FROM outbox WHERE destination=? AND state IN"
+                                           " ('pending', 'sending')", (dest,)).fetchone()[0]
+            log.error("outbox.destination.down", extra=fields(
+                destination=dest, failing_for_s=round(t - since, 1), failing_since=since, waiting=pending,
+                error=error, gives_up_after_s=self.settings.outbox.retry_for_s))
+
+    def _destination_ok(self, dest: str, now: float | None) -> None:
+        row = self._conn().execute("SELECT failing_since, down_alerted FROM outbox_destinations WHERE destination=?",
+                                   (dest,)).fetchone()
+        if row is None or row["failing_since"] is None:
+            return
+        with db.transaction(self._conn()) as conn:
+            conn.execute("UPDATE outbox_destinations SET failing_since=NULL, down_alerted=0, last_error=NULL"
+                         " WHERE destination=?", (dest,))
+        if row["down_alerted"]:
+            log.warning("outbox.destination.up", extra=fields(
+                destination=dest, was_down_for_s=round(self._clock(now) - float(row["failing_since"]), 1)))
+
     def _record(self, dest: str, outcome: Outcome, now: float | None, counts: dict[str, int]) -> None:
         w = outcome.work
         if outcome.result == "sent":
             assert outcome.status is not None
             self._mark_sent(dest, w, outcome.status)
+            self._destination_ok(dest, now)
             counts["sent"] += 1
         elif outcome.result == "untried":
             self._release([w])
         else:
             state = self._mark_failed(dest, w, outcome.status, outcome.error or "failed",
                                       now, permanent=outcome.result == "permanent")
+            if outcome.result != "permanent":  # a refused instance says nothing about the destination
+                self._destination_failed(dest, outcome.error or "failed", now)
             counts["dead" if state == "dead" else "retried"] += 1
+
+    def _audit_delivered(self, dest: Any, delivered: Sequence[tuple[Work, int]]) -> None:
+        """One audit record per study delivered to ``dest`` in this batch (``audit.py``)."""
+        if not delivered:
+            return
+        studies: dict[str, audit.Study] = {}
+        warnings: dict[str, int] = {}
+        for work, status in delivered:
+            try:
+                ds = pydicom.dcmread(work.path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"])
+                study_uid, patient_id = str(ds.get("StudyInstanceUID", "") or "unknown"), ds.get("PatientID")
+            except (OSError, InvalidDicomError, ValueError):
+                study_uid, patient_id = "unknown", None
+            study = studies.setdefault(study_uid, audit.Study(study_uid, str(patient_id) if patient_id else None))
+            study.add(work.sop_class_uid)
+            warnings[study_uid] = warnings.get(study_uid, 0) + (status != 0x0000)
+        trail = self.audit
+        peer = getattr(dest, "ae_title", None) or getattr(dest, "url", dest.name)
+        participants = [audit.Participant(self.calling_ae, None, True, audit.SOURCE_ROLE),
+                        audit.Participant(str(peer), getattr(dest, "host", None), False, audit.DESTINATION_ROLE)]
+        for uid, study in studies.items():
+            trail.record(audit.INSTANCES_TRANSFERRED, audit.READ,
+                         audit.MINOR_FAILURE if warnings[uid] else audit.SUCCESS, participants,
+                         audit.study_objects([study]),
+                         description=f"outbox: delivered to destination {dest.name!r}"
+                                     + (f", {warnings[uid]} with a warning status" if warnings[uid] else ""))
 
     def _process_destination(self, name: str, now: float | None, cancel: threading.Event | None) -> dict[str, int]:
         counts = {"sent": 0, "retried": 0, "dead": 0}
@@ -459,9 +660,15 @@ class Outbox:
                 for w in items:
                     self._record(name, Outcome(w, "failed", None, f"destination {name!r} is not configured"), now, counts)
                 return counts
-            for outcome in sender_for(dest, self.settings, self.calling_ae).send(items, cancel):
-                self._record(name, outcome, now, counts)
-                pending.pop(outcome.work.id, None)
+            delivered: builtins.list[tuple[Work, int]] = []
+            try:
+                for outcome in sender_for(dest, self.settings, self.calling_ae).send(items, cancel):
+                    self._record(name, outcome, now, counts)
+                    pending.pop(outcome.work.id, None)
+                    if outcome.result == "sent" and outcome.status is not None:
+                        delivered.append((outcome.work, outcome.status))
+            finally:
+                self._audit_delivered(dest, delivered)
             self._release(builtins.list(pending.values()))  # a sender that said nothing of an item: untried
         except Exception as exc:
             # never leave claimed rows 'sending' behind an unexpected error: count it as a failed attempt

@@ -148,7 +148,8 @@ class Pairing:
         for s in (base, overlay):
             if s.state != SeriesState.PAIRED:
                 self._store.set_series_state(s.series_uid, SeriesState.PAIRED, f"job {job_id} ({pipeline.name})")
-        log.info("pairing.job.created" if created else "pairing.job.exists", extra=logs.fields(
+        # a job that already exists is no new decision: it was logged once, as pairing.job.created
+        (log.info if created else log.debug)("pairing.job.created" if created else "pairing.job.exists", extra=logs.fields(
             job_id=job_id, pipeline=pipeline.name, base_series_uid=base.series_uid,
             overlay_series_uid=overlay.series_uid, base_instances=base.instance_count,
             overlay_instances=overlay.instance_count))

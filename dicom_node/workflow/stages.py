@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node import logs
+from dicom_node import events, logs
 from dicom_node.config import Pipeline
 from dicom_node.dicom.volume import GeometryError, Volume, load_series
 from dicom_node.errors import NodeError
@@ -102,6 +102,8 @@ class PreparedStacks:
     anatomical: np.ndarray
     other: np.ndarray
     other_modality: str
+    #: what a reader should know about the display (a CT window saturating most of the body); job result "warnings"
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,12 +145,19 @@ def register(pair: LoadedPair, pipeline: Pipeline, qc_dir: Path, job_id: int) ->
     "fail"`` (the figures go with it, ``JobError.result``); under ``"warn"`` it
     comes back with ``warning`` set.
     """
+    from dicom_node.dicom.orientation import header_doubts
     from fusion.errors import FusionError
     from fusion.registration.quality import QualityThresholds, assess_registration
     from fusion.registration.rigid import RegistrationParams, register_rigid
 
+    # what the headers say about left and right: a doubt is a problem like a figure outside its limit
+    doubts = header_doubts(pair.base.headers, pair.overlay.headers)
     if not pipeline.registration.enabled:
-        return Registration(tuple(tuple(float(v) for v in r) for r in np.eye(4)))
+        off = Registration(tuple(tuple(float(v) for v in r) for r in np.eye(4)))
+        if not doubts:
+            return off
+        return _doubtful(off, {"ok": False, "problems": doubts, "header_doubts": doubts}, ["ORIENTATION?"],
+                         pipeline, job_id, None)
     params = RegistrationParams.from_mapping(pipeline.registration.model_dump())
     try:
         reg = register_rigid(pair.base.image, pair.overlay.image, params)
@@ -162,21 +171,35 @@ def register(pair: LoadedPair, pipeline: Pipeline, qc_dir: Path, job_id: int) ->
     cfg = pipeline.registration
     quality = assess_registration(pair.base.image, pair.overlay.image, reg,
                                   QualityThresholds.from_mapping(cfg.quality.model_dump()))
-    out = Registration(tuple(tuple(float(v) for v in r) for r in reg.matrix), figures, quality.as_dict(),
-                       None, picture)
-    if quality.ok:
+    qdict = quality.as_dict()
+    tags = list(quality.tags)
+    if doubts:
+        qdict.update(ok=False, problems=[*qdict["problems"], *doubts], header_doubts=doubts)
+        tags.insert(1 if quality.flipped else 0, "ORIENTATION?")
+    out = Registration(tuple(tuple(float(v) for v in r) for r in reg.matrix), figures, qdict, None, picture)
+    if qdict["ok"]:
         return out
+    return _doubtful(out, qdict, tags, pipeline, job_id, picture)
+
+
+def _doubtful(out: Registration, quality: dict[str, Any], tags: list[str], pipeline: Pipeline, job_id: int,
+              picture: str | None) -> Registration:
+    """Apply ``on_poor_quality`` to a doubtful registration: raise (``"fail"``) or mark it (``"warn"``)."""
+    cfg = pipeline.registration
+    reason = "; ".join(quality["problems"])
     log.warning("pipeline.registration_doubtful", extra=logs.fields(
-        job_id=job_id, policy=cfg.on_poor_quality, problems=quality.reason))
+        job_id=job_id, policy=cfg.on_poor_quality, problems=reason))
+    events.emit("registration.doubtful", job_id=job_id, pipeline=pipeline.name, policy=cfg.on_poor_quality,
+                problems=reason, picture=picture)
     if cfg.on_poor_quality == "fail":
         raise JobError(
-            f"registration rejected, nothing was sent: {quality.reason}. Check that the two series show the same "
+            f"registration rejected, nothing was sent: {reason}. Check that the two series show the same "
             "body part of the same patient and that their orientation headers are right; to send such results "
             f"with a visible warning instead, set on_poor_quality = \"warn\" in pipeline {pipeline.name!r}"
             + (f"; the check sheet is {picture}" if picture else ""),
             result={"pipeline": pipeline.name, **out.as_result()},
         )
-    return Registration(out.matrix, out.figures, out.quality, quality.warning, out.picture)
+    return Registration(out.matrix, out.figures, quality, " ".join(tags[:2]) or None, out.picture)
 
 
 def _check_sheet(pair: LoadedPair, reg: Any, pipeline: Pipeline, qc_dir: Path, job_id: int) -> str | None:
@@ -202,12 +225,32 @@ def _check_sheet(pair: LoadedPair, reg: Any, pipeline: Pipeline, qc_dir: Path, j
         return None
 
 
-def _colourise(grey: np.ndarray) -> np.ndarray:
-    """PET/SPECT on 0..1 to RGB with a hot-iron style ramp (black-red-yellow-white)."""
-    r = np.clip(grey * 2.0, 0, 1)
-    g = np.clip(grey * 2.0 - 0.5, 0, 1)
-    b = np.clip(grey * 4.0 - 3.0, 0, 1)
-    return np.stack([r, g, b], axis=-1).astype(np.float32)
+def _colourise(grey: np.ndarray, palette: str = "hot_iron") -> np.ndarray:
+    """PET/SPECT on 0..1 to RGB through the pipeline's DICOM standard palette (Hot Iron or PET)."""
+    from dicom_node.dicom.palette import colourise
+
+    return colourise(grey, palette).astype(np.float32)
+
+
+def _shows_colour(*modalities: str) -> bool:
+    return any(m in COLOUR_MODALITIES for m in modalities)
+
+
+def ct_window_warnings(vol: Volume, hu: np.ndarray, window: Any, pipeline: Pipeline) -> list[str]:
+    """A sentence when the CT window shows more than ``ct_saturation_warning`` of the body white or black."""
+    from fusion.display import window_saturation
+    from fusion.intensity import CT_BRAIN_WINDOW
+
+    if vol.modality != "CT":
+        return []
+    c, w = (float(v) for v in (window or CT_BRAIN_WINDOW))
+    sat = window_saturation(hu, c, w)
+    side, share = sat.worst()
+    if share <= pipeline.ct_saturation_warning:
+        return []
+    return [f"the CT window {c:g}/{w:g} HU shows {share:.0%} of the body {side} (more than "
+            f"{pipeline.ct_saturation_warning:.0%}): the fused image shows little of the CT there; set ct_window "
+            f"= [centre, width] in pipeline {pipeline.name!r} (e.g. [40, 400] soft tissue, [400, 1800] bone)"]
 
 
 def prepare(pair: LoadedPair, registration: Registration, pipeline: Pipeline) -> PreparedStacks:
@@ -233,13 +276,16 @@ def prepare(pair: LoadedPair, registration: Registration, pipeline: Pipeline) ->
 
     base_n = normalise_for_modality(base_arr, base.modality, ct_window=ct_window(base), units=base.units)
     over_n = normalise_for_modality(over_arr, overlay.modality, ct_window=ct_window(overlay), units=overlay.units)
+    # the saturation is judged on the CT as acquired (the overlay's own voxels, not its resampled copy)
+    warnings = [*ct_window_warnings(base, base_arr, ct_window(base), pipeline),
+                *ct_window_warnings(overlay, sitk.GetArrayViewFromImage(overlay.image), ct_window(overlay), pipeline)]
     if base.modality in ANATOMICAL or overlay.modality not in ANATOMICAL:
         a, b, other_modality = base_n, over_n, overlay.modality
     else:
         a, b, other_modality = over_n, base_n, base.modality
     if other_modality in COLOUR_MODALITIES:
-        b = _colourise(b)
-    return PreparedStacks(a.astype(np.float32), b.astype(np.float32), other_modality)
+        b = _colourise(b, pipeline.palette)
+    return PreparedStacks(a.astype(np.float32), b.astype(np.float32), other_modality, tuple(warnings))
 
 
 def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict[str, Any] | None = None,
@@ -249,15 +295,15 @@ def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict
     ``models`` caches the VGG16 model per device between jobs (loading it costs
     a second or two); ``progress(done, total)`` is called after each batch.
     """
-    from fusion.api import fuse_grey, merge_colour, resolve_trio, split_colour
+    from fusion.api import fuse_grey, merge_colour, resolve_trio, split_colour, uses_vgg
     from fusion.backend import to_device, to_numpy
     from fusion.errors import FusionError
     from fusion.intensity import to_uint8
 
     method = pipeline.method
-    trio = resolve_trio(pipeline.trio or None, prepared.other_modality) if method == "dmf" else ()
+    trio = resolve_trio(pipeline.trio or None, prepared.other_modality, method=method)
     model = None
-    if method == "dmf" and pipeline.feature_source == "vgg":
+    if uses_vgg(method, pipeline.feature_source):
         from fusion.features import load_vgg16
 
         try:
@@ -279,24 +325,66 @@ def fuse(prepared: PreparedStacks, pipeline: Pipeline, device: str, models: dict
     return FusedStack(to_uint8(np.concatenate(parts)), method, tuple(trio), pipeline.feature_source, device)
 
 
+#: how a derivation description names a method that is not DMF (DMF names its trio and gradients)
+DERIVATION_NAMES = {
+    "faithful": "FAITHFUL (gradient-domain, max-anchored; fusion.methods.faithful)",
+}
+
+
+def fusion_derivation(fused: FusedStack, overlay_modality: str, base_modality: str) -> str:
+    """The Derivation Description's first part: which method fused what onto what (DMF: its trio too)."""
+    onto = f"fusion of {overlay_modality} onto {base_modality}"
+    if fused.method in DERIVATION_NAMES:
+        return f"{DERIVATION_NAMES[fused.method]} {onto}"
+    if fused.trio:
+        name = "DMF (paper trios)" if fused.method == "dmf_paper" else "DMF"
+        gradients = "VGG16 feature" if fused.feature_source == "vgg" else "image"
+        return f"{name} {onto}: {'+'.join(m.upper() for m in fused.trio)} exposures, {gradients} gradients"
+    return f"{fused.method.upper()} {onto}"
+
+
 def derive(pair: LoadedPair, registration: Registration, fused: FusedStack, pipeline: Pipeline,
-           uid_root: str) -> DerivedObjects:
-    """The fused Secondary Capture series and the Spatial Registration object, in the base's study."""
+           uid_root: str, *, uid_seed: str | None = None, version: int = 1, series_offset: int = 0) -> DerivedObjects:
+    """The fused Secondary Capture series and the Spatial Registration object, in the base's study.
+
+    ``uid_seed`` makes every UID follow from the job (a re-run makes the same
+    objects); ``version`` > 1 (an operator's explicit new version) is written
+    into both descriptions, so the PACS shows which series is the newer one;
+    ``series_offset`` (the pipeline's place in the configuration) keeps the
+    Series Numbers of two pipelines fusing the same base apart.
+    """
+    from dicom_node.dicom.derived import default_series_number
     from dicom_node.dicom.reg import build_registration
     from dicom_node.dicom.sc import build_sc_series, sc_series_description
 
     base, overlay = pair.base, pair.overlay
-    description = sc_series_description(pipeline.name, base.modality, overlay.modality, registration.warning)
-    if fused.method == "dmf":
-        how = (f"DMF fusion of {overlay.modality} onto {base.modality}: "
-               f"{'+'.join(m.upper() for m in fused.trio)} exposures, "
-               f"{'VGG16 feature' if fused.feature_source == 'vgg' else 'image'} gradients")
-    else:
-        how = f"{fused.method.upper()} fusion of {overlay.modality} onto {base.modality}"
+    name = pipeline.name if version <= 1 else f"{pipeline.name} v{version}"
+    description = sc_series_description(name, base.modality, overlay.modality, registration.warning)
+    reg_description = reg_series_description(name, base.modality, overlay.modality)
+    how = fusion_derivation(fused, overlay.modality, base.modality)
     derivation = how + (", rigid Mattes-MI registration" if pipeline.registration.enabled else ", not registered")
+    if _shows_colour(base.modality, overlay.modality):
+        from dicom_node.dicom.palette import PALETTE_NAMES
+
+        derivation += f", colour: DICOM {PALETTE_NAMES[pipeline.palette]} palette"
+    if version > 1:
+        derivation += f" (version {version})"
+    base0 = base.headers[0]
     sc = build_sc_series(base.headers, overlay.headers, fused.pixels, uid_root=uid_root,
                          series_description=description, derivation_description=derivation[:1024],
-                         base_to_overlay=registration.matrix_array)
+                         base_to_overlay=registration.matrix_array, uid_seed=uid_seed,
+                         series_number=default_series_number(base0, 1000 + series_offset))
     reg = build_registration(base.headers, overlay.headers, registration.matrix_array, uid_root=uid_root,
-                             content_label="RIGID_MI")
+                             content_label="RIGID_MI", uid_seed=uid_seed, series_description=reg_description,
+                             series_number=default_series_number(base0, 2000 + series_offset))
     return DerivedObjects(sc, reg)
+
+
+def reg_series_description(pipeline_name: str, base_modality: str, overlay_modality: str) -> str:
+    """The REG series' description: names the pipeline, so two fusions of one base are told apart.
+
+    >>> reg_series_description("mr-pt", "MR", "PT")
+    'REG PT>MR MR-PT'
+    """
+    text = f"REG {overlay_modality.strip().upper()}>{base_modality.strip().upper()} {pipeline_name.strip().upper()}"
+    return text.replace("\\", "/").encode("ascii", "replace").decode("ascii")[:64].rstrip()

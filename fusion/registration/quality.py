@@ -26,14 +26,17 @@ the check costs a small fraction of the registration):
     plausibility: the total rotation, and how far the optimiser moved the base
     centre from its starting alignment, also as a fraction of the smaller
     volume's diagonal (``travel_fraction``).
-``flip_similarity``
-    the overlay mirrored left-right (its voxels reversed along the axis closest
-    to patient x), registered again with cheap settings, and its ECC: a local optimiser never turns a flipped series back
-    (docs/method.md), so when the mirrored overlay fits clearly better
-    (``flip_similarity > similarity + flip_margin``) the series is most likely
-    left-right flipped (a wrong header or a mislabelled acquisition) — or the
-    registration failed; either way it must not be fused.  A left-right
-    symmetric object fits both ways about equally, which is rightly not flagged.
+``mirror`` (``flip_similarity``)
+    the mirror test (:mod:`fusion.registration.mirror`): the overlay as stored
+    and mirrored left-right (its voxels reversed along the axis closest to
+    patient x), each registered alike onto the base, scored by ECC and by
+    gradient correlation; ``advantage`` is the mirrored fit's relative lead.
+    A local optimiser never turns a flipped series back (docs/method.md), so
+    when the mirror fits clearly better (``advantage > flip_margin``) the
+    series is most likely left-right flipped (a wrong header or a mislabelled
+    acquisition) — or the registration failed; either way it must not be
+    fused.  A left-right symmetric object fits both ways about equally, which
+    is rightly not flagged (the node's header checks cover that side).
 
 Each figure has a threshold in :class:`QualityThresholds`, chosen from
 measurements (``docs/registration.md``); :func:`assess_registration` returns a
@@ -46,18 +49,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from fusion.registration.rigid import (
-    RegistrationError,
-    RegistrationParams,
     RegistrationResult,
     bin_to,
     foreground_mask,
-    register_rigid,
     volume_centre,
 )
 
@@ -68,6 +68,8 @@ if TYPE_CHECKING:
 COARSE_MM = 3.0
 #: joint histogram bins per image for the similarity
 BINS = 32
+#: default relative margin of the mirror test (docs/registration.md, "Mirror test")
+FLIP_MARGIN = 0.04
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,9 @@ class QualityThresholds:
     max_travel_fraction: float = 0.25
     #: run the left-right flip check (one cheap extra registration on the coarse copies)
     check_flip: bool = True
-    #: the mirrored overlay must beat the registered one by more than this ECC to be called flipped
-    #: (correct synthetic: mirrored 0.06-0.15 worse; flipped: mirrored 0.07-0.09 better; symmetric CIRS: 0.01 worse)
-    flip_margin: float = 0.03
+    #: the mirrored overlay's relative advantage in the mirror test (fusion.registration.mirror) above which the
+    #: overlay is called flipped; calibrated in docs/registration.md ("Mirror test")
+    flip_margin: float = FLIP_MARGIN
     #: probe displacement (mm) and rotation (degrees) for the sharpness figure
     probe_mm: float = 8.0
     probe_deg: float = 6.0
@@ -127,7 +129,7 @@ class RegistrationQuality:
     translation_mm: float
     travel_mm: float
     travel_fraction: float
-    #: ECC of the left-right mirrored overlay after a cheap registration; None when not checked
+    #: ECC of the left-right mirrored overlay in the mirror test; None when not checked
     flip_similarity: float | None
     #: one sentence per figure outside its threshold (empty: acceptable)
     problems: tuple[str, ...]
@@ -135,6 +137,8 @@ class RegistrationQuality:
     tags: tuple[str, ...]
     seconds: float
     thresholds: QualityThresholds = field(default_factory=QualityThresholds)
+    #: the mirror test's figures (fusion.registration.mirror.MirrorTest.as_dict); None when not checked
+    mirror: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -170,6 +174,7 @@ class RegistrationQuality:
             "travel_mm": round(self.travel_mm, 2),
             "travel_fraction": round(self.travel_fraction, 4),
             "flip_similarity": None if self.flip_similarity is None else round(self.flip_similarity, 4),
+            "mirror": self.mirror,
             "problems": list(self.problems),
             "seconds": round(self.seconds, 3),
         }
@@ -333,22 +338,6 @@ def mirrored_lr(img: sitk.Image) -> sitk.Image:
     return out
 
 
-class FlipSettings(TypedDict):
-    """The :class:`RegistrationParams` fields :data:`FLIP_PARAMS` sets."""
-
-    shrink_factors: tuple[int, ...]
-    smoothing_sigmas: tuple[float, ...]
-    sampling: float
-    min_samples: int
-    iterations: int
-    working_spacing_mm: float | None
-
-
-#: the cheap settings of the flip check's registration (on the coarse copies)
-FLIP_PARAMS: FlipSettings = {"shrink_factors": (4, 2), "smoothing_sigmas": (6.0, 3.0), "sampling": 0.05,
-                             "min_samples": 20000, "iterations": 300, "working_spacing_mm": None}
-
-
 def assess_registration(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -374,15 +363,12 @@ def assess_registration(
     translation = float(np.linalg.norm((result.matrix @ hc)[:3] - c))
 
     flip_sim = None
+    mirror = None
     if th.check_flip:
-        threads = result.params.threads
-        mirror = probe.mirrored()
-        try:
-            freg = register_rigid(probe.fixed, mirror.moving, RegistrationParams(
-                **FLIP_PARAMS, seed=result.params.seed, threads=threads, histogram_bins=32))
-            flip_sim = mirror.similarity(_affine(freg.matrix))
-        except RegistrationError:  # no overlap left when mirrored: certainly not a better fit
-            flip_sim = 0.0
+        from fusion.registration.mirror import mirror_test
+
+        mirror = mirror_test(probe, seed=result.params.seed, threads=result.params.threads)
+        flip_sim = mirror.mirrored.ecc
 
     problems: list[str] = []
     tags: list[str] = []
@@ -407,10 +393,12 @@ def assess_registration(
         problems.append(f"implausible shift: the optimiser moved {travel:.0f} mm from the starting alignment, "
                         f"{frac:.0%} of the volume diagonal (at most {th.max_travel_fraction:.0%})")
         tags.append(f"SHIFT {travel:.0f}MM")
-    if flip_sim is not None and flip_sim > sim + th.flip_margin:
-        problems.append(f"the overlay fits better mirrored left-right (ECC {flip_sim:.3f} vs {sim:.3f}, margin "
-                        f"{th.flip_margin:g}): the series is probably left-right flipped (check its orientation "
-                        "header / laterality), or the registration failed")
+    if mirror is not None and mirror.advantage > th.flip_margin:
+        problems.append(
+            f"the overlay fits better mirrored left-right (by {mirror.advantage:.1%}: ECC {mirror.mirrored.ecc:.3f} vs "
+            f"{mirror.stored.ecc:.3f}, gradient correlation {mirror.mirrored.gradient:.3f} vs "
+            f"{mirror.stored.gradient:.3f}; margin {th.flip_margin:.1%}): the series is probably left-right flipped "
+            "(check its orientation header / laterality), or the registration failed")
         tags.insert(0, "FLIPPED?")
     return RegistrationQuality(
         overlap=float(result.overlap),
@@ -426,6 +414,7 @@ def assess_registration(
         tags=tuple(tags),
         seconds=time.perf_counter() - t0,
         thresholds=th,
+        mirror=None if mirror is None else mirror.as_dict(),
     )
 
 

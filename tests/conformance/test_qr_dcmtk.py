@@ -57,6 +57,8 @@ def node(tmp_path_factory, storescp):
         "node": {"ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0},
         "storage": {"root": str(root / "data")},
         "destinations": [{"name": "dcmtk", "ae_title": DEST_AE, "host": "127.0.0.1", "port": storescp.port}],
+        # Q/R is deny-by-default: the DCMTK tools' calling AE titles are the configured workstations
+        "query_retrieve": {"allowed_callers": ["FINDSCU", "GETSCU", "MOVESCU"]},
     })
     store = Store(cfg.storage.root, cfg.storage.database_path)
     server = RunningSCP(cfg, store, query_retrieve=True)

@@ -281,7 +281,8 @@ def test_association_parameters(tables, tmp_path):
         "Files written: Implementation Class UID": derived.IMPLEMENTATION_CLASS_UID,
         "Files written: Implementation Version Name": derived.IMPLEMENTATION_VERSION_NAME,
     }
-    assert ae.acse_timeout == ae.dimse_timeout == ae.network_timeout == node.network_timeout_s
+    assert ae.dimse_timeout == ae.network_timeout == node.network_timeout_s
+    assert ae.acse_timeout == node.artim_timeout_s  # the listener's wait for an A-ASSOCIATE-RQ (ARTIM)
     rows = {r["Parameter"]: r["Value"] for r in tables["association-parameters"]}
     assert set(rows) == set(actual)
     for name, value in actual.items():
@@ -350,7 +351,7 @@ def test_tls_parameters(tables):
     assert set(rows) == {"Minimum protocol version", "TLS 1.2 cipher suites (OpenSSL syntax)",
                          "Handshake timeout of the listener (s)"}
     assert rows["TLS 1.2 cipher suites (OpenSSL syntax)"] == tls.BCP195_TLS12_CIPHERS
-    assert float(rows["Handshake timeout of the listener (s)"]) == tls.HANDSHAKE_TIMEOUT_S
+    assert float(rows["Handshake timeout of the listener (s)"]) == NodeConfig().artim_timeout_s
     context = tls.client_context(DestinationTLS(), "statement")  # system trust store: no files needed
     version = {ssl.TLSVersion.TLSv1_2: "TLS 1.2", ssl.TLSVersion.TLSv1_3: "TLS 1.3"}[context.minimum_version]
     assert rows["Minimum protocol version"] == version

@@ -1,0 +1,103 @@
+"""A real ``fusion-node serve`` process for the lifecycle tests: config from TOML, JSON log in a file, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServeProcess:
+    """``fusion-node serve --config <folder>/node.toml``; the log (JSON lines) goes to ``<folder>/serve-N.log``."""
+
+    runs = 0
+
+    def __init__(self, folder: Path, toml: str | None = None):
+        self.folder = folder
+        self.config = folder / "node.toml"
+        if toml is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.config.write_text(toml)
+        ServeProcess.runs += 1
+        self.log_path = folder / f"serve-{ServeProcess.runs}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.startswith("fusion-node listening"):
+            self.proc.kill()
+            raise AssertionError(f"serve did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
+        self.port = int(line.split(" on port ")[1].split()[0].rstrip(";"))
+
+    def events(self, name: str | None = None) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or rec.get("event") == name:
+                out.append(rec)
+        return out
+
+    def wait_event(self, name: str, timeout: float, **match) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for rec in self.events(name):
+                if all(rec.get(k) == v for k, v in match.items()):
+                    return rec
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no {name} {match or ''} within {timeout} s; log tail:\n"
+                             + self.log_path.read_text()[-3000:])
+
+    def signal(self, sig: int = signal.SIGTERM) -> float:
+        """Send ``sig``; returns the monotonic time it was sent."""
+        t = time.monotonic()
+        self.proc.send_signal(sig)
+        return t
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.folder / "data" / "node.sqlite")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+
+def node_toml(*, port: int = 0, extra: str = "", shutdown_timeout_s: float = 5.0,
+              destinations: str = "", pipelines: str = "", top: str = "") -> str:
+    """A node config; ``extra`` goes under [node], ``top`` before it (top-level keys)."""
+    return f'''
+{top}
+[node]
+ae_title = "FUSIONNODE"
+host = "127.0.0.1"
+port = {port}
+shutdown_timeout_s = {shutdown_timeout_s}
+{extra}
+[storage]
+root = "data"
+[settle]
+quiet_seconds = 1
+sweep_interval_s = 0.3
+{destinations}
+{pipelines}
+'''
