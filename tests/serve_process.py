@@ -93,6 +93,8 @@ host = "127.0.0.1"
 port = {port}
 shutdown_timeout_s = {shutdown_timeout_s}
 {extra}
+[http]
+port = 0
 [storage]
 root = "data"
 [settle]

@@ -47,6 +47,8 @@ ae_title = "OPSNODE"
 host = "127.0.0.1"
 port = 0
 
+[http]
+port = 0
 [storage]
 root = "data"
 

@@ -72,6 +72,8 @@ device = "cpu"
 ae_title = "FUSIONNODE"
 host = "127.0.0.1"
 port = {self.port}
+[http]
+port = 0
 [storage]
 root = "{self.root}"
 [settle]

@@ -51,7 +51,7 @@ class NodeProcess:
         cfg = workdir / "node.toml"
         lim = "\n".join(f"{k} = {v}" for k, v in {**TEST_LIMITS, **limits}.items())
         cfg.write_text(f'[node]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = 0\nnetwork_timeout_s = 120\n'
-                       f'[storage]\nroot = "{self.root}"\n[limits]\n{lim}\n')
+                       f'[http]\nport = 0\n[storage]\nroot = "{self.root}"\n[limits]\n{lim}\n')
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "--log-level", "INFO", "serve",
                                       "--config", str(cfg)], stdout=subprocess.PIPE, stderr=self.log, cwd=workdir,

@@ -47,7 +47,7 @@ class ServeProcess:
     def __init__(self, tmp_path: Path, systmp: Path) -> None:
         self.config = tmp_path / "node.toml"
         self.config.write_text(f'[node]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = 0\n'
-                               '[storage]\nroot = "data"\n')
+                               '[http]\nport = 0\n[storage]\nroot = "data"\n')
         self.log = tmp_path / f"serve-{time.monotonic_ns()}.log"
         self._stderr = open(self.log, "w")
         # env(1) adds TMPDIR to the inherited environment (tests do not read it: fusion/environment.py rule)

@@ -130,7 +130,7 @@ def _canaries_in(text: str) -> list[str]:
 def test_no_canary_in_the_real_node_log(tmp_path):
     files = corpus(tmp_path / "corpus")
     cfg = tmp_path / "node.toml"
-    cfg.write_text(f'[node]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = 0\n[storage]\nroot = "data"\n')
+    cfg.write_text(f'[node]\nae_title = "{NODE_AE}"\nhost = "127.0.0.1"\nport = 0\n[http]\nport = 0\n[storage]\nroot = "data"\n')
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as err:
         # every Python warning shown (env(1) adds the switch; tests do not read the environment)

@@ -500,6 +500,8 @@ port = 0
 certificate = "tls/node-cert.pem"
 private_key = "tls/node-key.pem"
 ca_certificates = "tls/ca.pem"
+[http]
+port = 0
 [storage]
 root = "data"
 ''')

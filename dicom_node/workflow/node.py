@@ -219,6 +219,8 @@ class Node:
                 thread.join(max(0.1, min(2.0, deadline - time.monotonic() - 1.0)))
         released = self.executor.stop(max(0.1, deadline - time.monotonic() - 0.7))
         self.outbox.stop(max(0.2, deadline - time.monotonic()))
+        if self._heartbeat is not None:
+            self._heartbeat.stop()  # marked stopped cleanly: `fusion-node status` tells this from a crash
         report = {"seconds": round(time.monotonic() - t0, 3), "associations_aborted": aborted,
                   "jobs_released": released}
         log.info("node.stopped", extra=logs.fields(**report))
