@@ -28,20 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from dicom_helpers import dcmtk, make_image
-from serve_process import ServeProcess, node_toml
-
-PIPELINE = '''
-[[pipelines]]
-name = "ct-mr"
-feature_source = "image"
-destinations = []
-[pipelines.base]
-modality = ["CT"]
-min_instances = 10
-[pipelines.overlay]
-modality = ["MR"]
-min_instances = 10
-'''
+from serve_process import PIPELINE, ServeProcess, node_toml
 
 
 def _stop(node: ServeProcess, timeout: float) -> tuple[float, float, dict]:

@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     cmd = f"--method {args.method} " if args.method else ""
     lines = [f"\n## {args.sample} pair, method {method}, {how}device {r['device']}, quiet period {args.quiet:g} s "
              f"({time.strftime('%Y-%m-%d')})\n",
-             f"Command: `python benchmarks/node_latency.py --sample {args.sample} {cmd}--feature-source "
-             f"{args.feature_source} --quiet {args.quiet:g}`; {r['instances']} fused images; registration moved the "
+             f"Command: `python benchmarks/node_latency.py --sample {args.sample} {cmd}"
+             + (f"--feature-source {args.feature_source} " if r.get("trio") else "") + f"--quiet {args.quiet:g}`; {r['instances']} fused images; registration moved the "
              f"overlay {r.get('translation_mm')} mm, {r.get('rotation_deg')} deg; peak RSS of the node process "
              f"{peak_mb:.0f} MB" + (f"; VGG precision {r['vgg_precision']}" if r.get("vgg_precision") else "") + ".\n",
              "| stage | seconds |", "|---|---|"]

@@ -25,7 +25,7 @@ import math
 import numpy as np
 from scipy.signal import convolve2d
 
-from fusion.metrics.common import _H1, _H3, _QABF
+from fusion.metrics.common import _QABF, qabf_gradient
 
 #: CT luminance (0..1) at and above which a pixel counts as bone
 BONE_THRESHOLD = 0.6
@@ -68,12 +68,7 @@ def _conv(z: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def _grad(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sx, sy = _conv(z, _H3), _conv(z, _H1)
-    g = np.sqrt(sx * sx + sy * sy)
-    a = np.full_like(sx, math.pi / 2)
-    nz = sx != 0
-    a[nz] = np.arctan(sy[nz] / sx[nz])
-    return g, a
+    return qabf_gradient(z, _conv)
 
 
 def qabf_shares(f255: np.ndarray, a255: np.ndarray, b255: np.ndarray) -> tuple[float, float]:

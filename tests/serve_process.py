@@ -103,3 +103,21 @@ sweep_interval_s = 0.3
 {destinations}
 {pipelines}
 '''
+
+
+#: a CT+MR pipeline of at least 10 instances each, fused with DMF on image gradients: a job long
+#: enough to be stopped in (tests/test_lifecycle.py, benchmarks/lifecycle_bound.py)
+PIPELINE = '''
+[[pipelines]]
+name = "ct-mr"
+match = "study"
+feature_source = "image"
+method = "dmf"
+destinations = []
+[pipelines.base]
+modality = ["CT"]
+min_instances = 10
+[pipelines.overlay]
+modality = ["MR"]
+min_instances = 10
+'''

@@ -16,26 +16,10 @@ import pytest
 from dicom_helpers import dcmtk, free_port, make_image, run_tool
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
-from serve_process import ServeProcess, node_toml
+from serve_process import PIPELINE, ServeProcess, node_toml
 
 #: seconds past ``shutdown_timeout_s`` the process may take to exit (Python and thread teardown)
 EXIT_SLACK_S = 2.0
-
-PIPELINE = '''
-[[pipelines]]
-name = "ct-mr"
-match = "study"
-feature_source = "image"
-method = "dmf"
-destinations = []
-[pipelines.base]
-modality = ["CT"]
-min_instances = 10
-[pipelines.overlay]
-modality = ["MR"]
-min_instances = 10
-'''
-
 
 def _echo(port: int, calling: str = "SCANNER") -> bool:
     r = run_tool("echoscu", "-aet", calling, "-aec", "FUSIONNODE", "127.0.0.1", port, timeout=20)

@@ -110,9 +110,12 @@ def _jobs(jobs: list[dict[str, Any]], now: float) -> str:
         if j["error"]:
             notes += f'<div class="err">{escape(j["error"][:300])}</div>'
         action = ""
-        if j["state"] in ("failed", "done"):
+        if j["state"] == "failed":  # same version, same UIDs
             action = (f'<form method="post" action="/api/jobs/{j["id"]}/retry">'
                       f'<button type="submit">retry</button></form>')
+        elif j["state"] == "done":  # only as an explicit new version (new UIDs, marked V2 …)
+            action = (f'<form method="post" action="/api/jobs/{j["id"]}/retry?new_version=1">'
+                      f'<button type="submit">new version</button></form>')
         rows.append(
             f'<tr class="row-{escape(j["state"])}"><td class="num">{j["id"]}</td><td>{escape(j["pipeline"])}</td>'
             f'<td>{_badge(j["state"])}</td><td>{stage}</td><td>{bar}</td><td>{when}</td>'

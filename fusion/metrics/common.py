@@ -102,15 +102,20 @@ _H1 = np.array([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]])   # y
 _H3 = np.array([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])   # x
 
 
+def qabf_gradient(z, conv):
+    """Q^AB/F's Sobel magnitude and orientation (``atan(sy/sx)``, pi/2 where ``sx`` is 0)."""
+    sx, sy = conv(z, _H3), conv(z, _H1)
+    g = np.sqrt(sx * sx + sy * sy)
+    a = np.full_like(sx, math.pi / 2)
+    nz = sx != 0
+    a[nz] = np.arctan(sy[nz] / sx[nz])
+    return g, a
+
+
 def qabf_core(fa, fb, ff, conv):
     """Hong's Xydeas-Petrovic variant; ``conv(img, kernel)`` is conv2 'same'."""
     def grad(z):
-        sx, sy = conv(z, _H3), conv(z, _H1)
-        g = np.sqrt(sx * sx + sy * sy)
-        a = np.full_like(sx, math.pi / 2)
-        nz = sx != 0
-        a[nz] = np.arctan(sy[nz] / sx[nz])
-        return g, a
+        return qabf_gradient(z, conv)
 
     c = _QABF
     gA, aA = grad(fa)
