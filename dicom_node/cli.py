@@ -226,19 +226,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _offline_node(args: argparse.Namespace) -> tuple[NodeSettings, Store, JobQueue, Outbox]:
     """The node's database parts without the network side, for inspection commands."""
-    from dicom_node.index.store import Store
+    from dicom_node.index import db
+    from dicom_node.index.store import Store, StoreError
     from dicom_node.outbox import Outbox
     from dicom_node.workflow.jobs import JobQueue, node_identity
 
     settings = _settings(args)
     db_path = settings.storage.database_path
-    if not db_path.is_file():  # never a silently created empty store that reports zeros
+    if not settings.storage.database_url and not db_path.is_file():  # never a silently created empty store
         raise CliError(f"no node database at {db_path} (from [storage] in {args.config}); check the config path "
                        "and [storage] root/database, or start the node once with `fusion-node serve`", EXIT_RESOURCE)
-    store, jobs = Store(settings.storage.root, db_path), JobQueue(db_path, owner=node_identity(settings.storage.root))
-    outbox = Outbox(db_path, settings, recover_interrupted=False)  # a running node may own 'sending' rows
-    for part in (store, jobs, outbox):
-        part.ensure_schema()
+    database = db.Database(settings.storage.database_location)
+    owner = node_identity(settings.storage.root)
+    store, jobs = Store(settings.storage.root, database), JobQueue(database, owner=owner)
+    # a running node may own 'sending' rows: an inspection never takes them over
+    outbox = Outbox(database, settings, recover_interrupted=False, owner=owner)
+    try:
+        store.ensure_schema()
+    except StoreError as exc:  # its message says what is wrong with the database
+        raise CliError(exc.operator_message, EXIT_RESOURCE) from exc
     return settings, store, jobs, outbox
 
 
@@ -301,7 +307,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings, store, jobs, outbox = _offline_node(args)
     db_path = settings.storage.database_path
-    live = read_liveness(heartbeat_path(db_path))
+    live = read_liveness(heartbeat_path(db_path, settings.storage.instance))
     counts, job_counts, per_dest = store.counts(), jobs.counts(), outbox.summary()
     if args.json:
         _print_json({"node": live.as_dict(), "config": str(Path(args.config).resolve()), "database": str(db_path),

@@ -140,10 +140,33 @@ class StorageConfig(_Model):
     root: Path = Path("fusion-node-data")
     #: SQLite index, job queue and outbox; default ``<root>/node.sqlite``
     database: Path | None = None
+    #: PostgreSQL instead of the SQLite file, for several node processes sharing one queue
+    #: (``postgresql+psycopg://user:password@host:5432/dbname``, docs/scale-out.md); empty = the SQLite file
+    database_url: str = ""
+    #: this node process's own name when several share one storage root (with ``database_url``): its partial
+    #: files, staged series and heartbeat are kept apart under it; empty = the only node on this root
+    instance: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,64}$")
 
     @property
     def database_path(self) -> Path:
+        """The SQLite file (also where the heartbeat and backups go beside it, with PostgreSQL too)."""
         return self.database or self.root / "node.sqlite"
+
+    @property
+    def database_location(self) -> Path | str:
+        """What ``index.db.Database`` opens: the PostgreSQL URL when set, else the SQLite file."""
+        return self.database_url or self.database_path
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip()
+        if v and not v.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise ValueError("database_url takes a PostgreSQL URL (postgresql+psycopg://user@host:5432/dbname); "
+                             "leave it empty for the embedded SQLite file")
+        if v.startswith("postgresql://"):
+            v = "postgresql+psycopg://" + v[len("postgresql://"):]  # the driver the node ships with
+        return v
 
 
 class SettleConfig(_Model):
@@ -796,6 +819,10 @@ require_client_certificate = true
 # Received and derived instances, relative to this file's folder.
 root = "fusion-node-data"
 # database = "fusion-node-data/node.sqlite"
+# PostgreSQL instead of the SQLite file, when several node processes share one queue (docs/scale-out.md):
+database_url = ""
+# This node's own name when several node processes share one storage root (docs/scale-out.md):
+instance = ""
 
 [settle]
 # A series is complete after this many seconds without a new instance ...

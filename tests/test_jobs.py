@@ -179,7 +179,7 @@ def test_executor_records_success_and_failure(tmp_path):
         pass
     assert q.get(ok).state == "done" and q.get(ok).result["instances"] == 3
     assert q.get(bad).state == "failed" and "overlay has 1 slice" in q.get(bad).error
-    q.requeue(bad)
+    retry_job(q, bad)
     assert q.get(bad).state == "queued"
 
 

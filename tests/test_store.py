@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 from dicom_helpers import UID_PREFIX, make_image, write
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -238,7 +239,9 @@ def test_index_failure_after_rename_removes_the_unindexed_file(store, monkeypatc
     ds = make_image()
 
     def broken(self, *a, **kw):
-        raise sqlite3.OperationalError("database is locked (simulated)")
+        # what SQLAlchemy raises when the driver fails (it wraps sqlite3's and psycopg's errors)
+        raise sqlalchemy.exc.OperationalError("INSERT INTO instances", None,
+                                              sqlite3.OperationalError("database is locked (simulated)"))
 
     monkeypatch.setattr(Store, "_index", broken)
     tmp = write(ds, store.new_tmp_path())

@@ -1,17 +1,18 @@
-"""Matching a Query/Retrieve identifier against the store's SQLite index (PS3.4 C.2.2.2, C.4.1–C.4.3).
+"""Matching a Query/Retrieve identifier against the store's index (PS3.4 C.2.2.2, C.4.1–C.4.3).
 
 Kept apart from the network code (``qr.py``) so that the matching rules can be
-read, tested and reasoned about on their own: everything here takes an open
-``sqlite3.Connection`` on the node's database and a decoded pydicom identifier,
-and only ever reads.
+read, tested and reasoned about on their own: everything here takes the node's
+database (``index/db.py``: SQLite or PostgreSQL) and a decoded pydicom
+identifier, and only ever reads.
 
 Matching, per PS3.4 C.2.2.2:
 
 * universal: an empty key (or ``*`` alone) matches everything and is returned;
 * single value: exact, case-sensitive, except Person Names (below);
-* wildcards ``*`` and ``?`` on text VRs (PN, LO, SH, CS ...), turned into SQL
+* wildcards ``*`` and ``?`` on text VRs (LO, SH, CS ...), turned into SQLite
   ``GLOB`` patterns (GLOB is case-sensitive and uses the same two wildcards;
-  ``[``, GLOB's only other special character, is escaped);
+  ``[``, GLOB's only other special character, is escaped), or into PostgreSQL
+  ``LIKE`` patterns (case-sensitive there; ``%``, ``_`` and the backslash escaped);
 * ranges on DA and TM: ``A-``, ``-B``, ``A-B`` (inclusive; a partial time as upper
   bound covers its whole hour or minute);
 * a list of UIDs (a multi-valued UI key) matches any of them;
@@ -20,7 +21,9 @@ Matching, per PS3.4 C.2.2.2:
   finds ``Müller^Jörg``), and a key with a single component group is matched
   against every component group of the stored name, so ``山田*`` finds
   ``Yamada^Tarou=山田^太郎=やまだ^たろう``.  PS3.4 C.2.2.2.1 leaves both choices to
-  the SCP; we pick the ones a person at a workstation expects.
+  the SCP; we pick the ones a person at a workstation expects.  Person Names
+  are matched in Python on the rows the other keys selected, so the rule is
+  the same on both databases.
 
 Hierarchy (PS3.4 C.4.1.2.1, C.4.2.2.1): Patient Root has PATIENT > STUDY > SERIES
 > IMAGE, Study Root STUDY > SERIES > IMAGE; a query below the top needs the
@@ -41,7 +44,6 @@ not ask for anything, and UTF-8 can carry any text at all.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,6 +56,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_node.dicom import charset
 from dicom_node.errors import NodeError
+from dicom_node.index import db
 
 Model = Literal["PATIENT", "STUDY"]
 
@@ -162,9 +165,6 @@ _FROM = {
               "i.instance_number IS NULL, i.instance_number, i.sop_instance_uid"),
 }
 
-_PN_FUNCTION = "dicom_pn_match"
-
-
 def supported_keys(level: str) -> list[str]:
     """Keywords matched and returned at ``level`` (attributes of this level and the levels above)."""
     return [k for k, a in _ATTRS.items() if _DEPTH[a.level] <= _DEPTH[level]]
@@ -228,6 +228,12 @@ def _glob(pattern: str) -> str:
     return pattern.replace("[", "[[]")
 
 
+def _like(pattern: str) -> str:
+    """A DICOM wildcard value as a ``LIKE ... ESCAPE '\\'`` pattern (PostgreSQL's LIKE is case-sensitive)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
 def _is_universal(values: Sequence[str]) -> bool:
     return not values or all(set(v) <= {"*"} for v in values)
 
@@ -243,9 +249,12 @@ def _time_bound(value: str, upper: bool, keyword: str) -> str:
 class _Where:
     """Conditions and their parameters, built from one identifier."""
 
-    def __init__(self) -> None:
+    def __init__(self, dialect: str = "sqlite") -> None:
+        self.dialect = dialect
         self.clauses: list[str] = []
         self.params: list[Any] = []
+        #: Person Name conditions, matched in Python: (SQL expression, the key's values: any may match)
+        self.names: list[tuple[str, list[str]]] = []
 
     def add(self, clause: str, *params: Any) -> None:
         self.clauses.append(clause)
@@ -255,13 +264,13 @@ class _Where:
         return (" WHERE " + " AND ".join(self.clauses)) if self.clauses else ""
 
 
-def _one_text(expr: str, value: str, kind: str) -> tuple[str, list[Any]]:
+def _one_text(expr: str, value: str, dialect: str) -> tuple[str, list[Any]]:
     if value == '""':
         return f"({expr} IS NULL OR {expr} = '')", []
-    if kind == "pn":
-        return f"{_PN_FUNCTION}({expr}, ?)", [value]
     if "*" in value or "?" in value:
-        return f"{expr} GLOB ?", [_glob(value)]
+        if dialect == "sqlite":
+            return f"{expr} GLOB ?", [_glob(value)]
+        return f"{expr} LIKE ? ESCAPE '\\'", [_like(value)]
     return f"{expr} = ?", [value]
 
 
@@ -327,16 +336,19 @@ def _condition(attr: _Attr, expr: str, values: list[str], where: _Where) -> None
     if kind == "modalities":
         parts, params = [], []
         for v in values:
-            clause, p = _one_text("y.modality", v, "text")
+            clause, p = _one_text("y.modality", v, where.dialect)
             parts.append(clause)
             params.extend(p)
         where.add("EXISTS (SELECT 1 FROM series y WHERE y.study_uid = st.study_uid AND (" + " OR ".join(parts) + "))",
                   *params)
         return
-    # text and pn: one value, or (beyond the standard, harmless) any of several
+    if kind == "pn":
+        where.names.append((expr, values))
+        return
+    # text: one value, or (beyond the standard, harmless) any of several
     parts, params = [], []
     for v in values:
-        clause, p = _one_text(expr, v, kind)
+        clause, p = _one_text(expr, v, where.dialect)
         parts.append(clause)
         params.extend(p)
     where.add("(" + " OR ".join(parts) + ")" if len(parts) > 1 else parts[0], *params)
@@ -359,10 +371,12 @@ def _pn_regex(pattern: str) -> re.Pattern[str]:
 
 
 def _pn_matcher():
-    """A ``dicom_pn_match(stored, key)`` SQLite function, with this query's compiled patterns cached."""
+    """``match(stored, key)`` for one query, its compiled patterns cached (``""`` matches an empty name)."""
     cache: dict[str, list[re.Pattern[str] | None]] = {}
 
     def match(stored: str | None, key: str) -> int:
+        if key == '""':
+            return int(not stored)
         patterns = cache.get(key)
         if patterns is None:
             patterns = cache[key] = [_pn_regex(g) if g else None for g in _pn_groups(key)]
@@ -434,7 +448,8 @@ class FindQuery:
         query._sql()  # every key value is checked here, before anything is answered
         return query
 
-    def _sql(self) -> tuple[str, list[Any]]:
+    def _sql(self, dialect: str = "sqlite") -> tuple[str, list[Any], list[tuple[str, list[str]]]]:
+        """The SELECT, its parameters, and the Person Name conditions as ``(column alias, values)``."""
         p, source, order = _FROM[self.level]
         cols = {}
         for _, keyword, _vr in self.returned:
@@ -442,24 +457,29 @@ class FindQuery:
             if attr is not None and _DEPTH[attr.level] <= _DEPTH[self.level]:
                 cols[keyword] = attr.expr.format(p=p)
         cols["__charset"] = f"{p}.specific_character_set"
-        where = _Where()
+        where = _Where(dialect)
         for keyword, values in self.matching.items():
             attr = _ATTRS[keyword]
             _condition(attr, attr.expr.format(p=p), values, where)
+        names = []
+        for n, (expr, values) in enumerate(where.names):
+            cols[f"__pn{n}"] = expr
+            names.append((f"__pn{n}", values))
         select = ", ".join(f'{expr} AS "{name}"' for name, expr in cols.items())
         sql = ((_PATIENTS_CTE if self.level == "PATIENT" else "")
                + f"SELECT {select} {source}{where.sql()} ORDER BY {order}")
-        return sql, where.params
+        return sql, where.params, names
 
-    def rows(self, conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    def rows(self, conn: db.Database | db.Connection) -> list[db.Row]:
         """All matching index rows (read at once, so no read transaction stays open while answers go out)."""
-        conn.create_function(_PN_FUNCTION, 2, _pn_matcher(), deterministic=True)
-        sql, params = self._sql()
-        cur = conn.execute(sql, params)
-        cur.row_factory = sqlite3.Row
-        return cur.fetchall()
+        sql, params, names = self._sql(conn.dialect)
+        rows = conn.execute(sql, params).fetchall()
+        if names:
+            match = _pn_matcher()
+            rows = [r for r in rows if all(any(match(r[col], v) for v in values) for col, values in names)]
+        return rows
 
-    def response(self, row: sqlite3.Row, retrieve_ae_title: str | None) -> Dataset:
+    def response(self, row: db.Row, retrieve_ae_title: str | None) -> Dataset:
         """One pending answer: the requested keys filled from ``row``, in a character set that carries them."""
         ds = Dataset()
         names = set(row.keys())
@@ -494,7 +514,7 @@ class FindQuery:
         return ds
 
 
-def find(conn: sqlite3.Connection, identifier: Dataset, model: str,
+def find(conn: db.Database | db.Connection, identifier: Dataset, model: str,
          retrieve_ae_title: str | None = None) -> Iterator[Dataset]:
     """Check ``identifier`` (:class:`IdentifierError` at once), run it, and return one answer per match."""
     query = FindQuery.parse(identifier, model)
@@ -531,7 +551,7 @@ def _uid_list(identifier: Dataset, keyword: str, level: str) -> list[str]:
     return values
 
 
-def retrieve_items(conn: sqlite3.Connection, identifier: Dataset, model: str) -> list[RetrieveItem]:
+def retrieve_items(conn: db.Database | db.Connection, identifier: Dataset, model: str) -> list[RetrieveItem]:
     """The instances a C-GET/C-MOVE identifier names (PS3.4 C.4.2.2.1 / C.4.3.2.1), in series order.
 
     The identifier holds QueryRetrieveLevel, the unique keys of the levels

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,73 +36,11 @@ from dicom_node.dicom.uids import InvalidInstanceError, check_uid
 from dicom_node.errors import NodeError
 from dicom_node.index import db
 from dicom_node.logs import fields, scrub
-from dicom_node.states import SeriesState, check_in
+from dicom_node.states import SeriesState
 
 log = logging.getLogger("dicom_node.index.store")
 
 REOPEN_REASON = "new instance after settle"
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    patient_id TEXT,
-    patient_name TEXT,
-    patient_birth_date TEXT,
-    patient_sex TEXT,
-    study_date TEXT,
-    study_time TEXT,
-    accession_number TEXT,
-    study_description TEXT,
-    study_id TEXT,
-    referring_physician_name TEXT,
-    specific_character_set TEXT
-);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
-    modality TEXT,
-    series_description TEXT,
-    series_number INTEGER,
-    series_date TEXT,
-    series_time TEXT,
-    frame_of_reference_uid TEXT,
-    body_part TEXT,
-    announced_count INTEGER,
-    instance_count INTEGER NOT NULL DEFAULT 0,
-    first_received REAL,
-    last_received REAL,
-    state TEXT NOT NULL DEFAULT 'open' {check_in('state', SeriesState)},
-    state_reason TEXT,
-    state_changed REAL,
-    origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'derived'))
-);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL REFERENCES series(series_uid),
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    instance_number INTEGER,
-    rows INTEGER,
-    columns INTEGER,
-    number_of_frames INTEGER,
-    path TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    calling_ae TEXT,
-    called_ae TEXT
-);
-CREATE INDEX IF NOT EXISTS series_state ON series(state);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_id);
-"""
-
-#: columns added after the first release: (table, column, declaration); added to older databases on open
-_ADDED_COLUMNS = (
-    # the Called AE Title an instance was sent to: a pipeline with its own AE title pairs only what came through it
-    ("instances", "called_ae", "TEXT"),
-)
-
 
 class StoreError(NodeError):
     """The disk or the index failed; the instance is not stored and the sender should retry.
@@ -275,17 +211,20 @@ def _write_durably(path: Path, text: str) -> None:
 class Store:
     """Instance files plus their index. Safe to share between threads (one SQLite connection per thread)."""
 
-    def __init__(self, root: Path, db_path: Path) -> None:
+    def __init__(self, root: Path, database: db.Database | Path | str, *, work: str = "") -> None:
         self.root = Path(root)
-        self.db_path = Path(db_path)
-        self._local = threading.local()
+        #: this node process's own subfolder of tmp/ and staging/ when several share the root (``storage.instance``)
+        self.work = work
+        self.database = db.Database.of(database)
+        #: the database as an operator names it (the SQLite file, or the URL without its password)
+        self.db_path = self.database.describe()
 
     # -- plumbing ---------------------------------------------------------------------
 
     @property
     def tmp_dir(self) -> Path:
         """Where partial files are written; on the same filesystem as the instances, so rename is atomic."""
-        return self.root / "tmp"
+        return self.root / "tmp" / self.work if self.work else self.root / "tmp"
 
     @property
     def instances_dir(self) -> Path:
@@ -294,7 +233,7 @@ class Store:
     @property
     def staging_dir(self) -> Path:
         """Where a derived series is written before it becomes visible (:meth:`stage`, :meth:`publish`)."""
-        return self.root / "staging"
+        return self.root / "staging" / self.work if self.work else self.root / "staging"
 
     def new_tmp_path(self, suffix: str = ".part") -> Path:
         """A fresh, unique, empty file under :attr:`tmp_dir` for data about to be handed to :meth:`store_received`.
@@ -326,49 +265,23 @@ class Store:
             log.info("store.tmp.cleared", extra=fields(files=removed))
         return removed
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = db.connect(self.db_path)
-            except (sqlite3.Error, OSError) as exc:
-                raise StoreError(f"cannot open the index {self.db_path}: {exc}; check the path, permissions and free space") from exc
-            self._local.conn = conn
-        return conn
+    def _conn(self) -> db.Database:
+        return self.database
 
     def close(self) -> None:
-        """Close this thread's connection (other threads' connections close when their threads end)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close the pooled connections (the object stays usable: the pool opens new ones)."""
+        self.database.close()
 
     def ensure_schema(self) -> None:
-        """Create the folders and the index tables; harmless when they exist."""
+        """Create the folders and bring the schema up to date (``index/migrations``); harmless when it is."""
         try:
             _make_dirs(self.instances_dir)
             _make_dirs(self.tmp_dir)
             os.chmod(self.tmp_dir, 0o700)  # partial instances: the node's user only
-            conn = self._conn()
-            conn.executescript(_SCHEMA)
-            self._migrate(conn)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot prepare the store under {self.root}: {exc}; check permissions and free space") from exc
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        """Add columns that databases written by older versions lack (ALTER TABLE ... ADD COLUMN)."""
-
-        def missing() -> list[tuple[str, str, str]]:
-            return [(t, c, d) for t, c, d in _ADDED_COLUMNS
-                    if c not in {r["name"] for r in conn.execute(f"PRAGMA table_info({t})")}]
-
-        if not missing():
-            return
-        with db.transaction(conn):
-            for table, column, decl in missing():  # again under the lock: another process may have done it
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-                log.info("store.schema.migrated", extra=fields(table=table, added_column=column))
+            self.database.migrate()
+        except (db.Error, OSError) as exc:
+            raise StoreError(f"cannot prepare the store under {self.root} (database {self.db_path}): {exc}; "
+                             "check permissions, free space and that the database server is reachable") from exc
 
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return Path("instances") / study_uid / series_uid / f"{sop_instance_uid}.dcm"
@@ -411,7 +324,7 @@ class Store:
             if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
                 return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
                                                _text(ds, "PatientID"))
-        except sqlite3.Error as exc:
+        except db.Error as exc:
             raise StoreError(f"index lookup failed: {exc}; check the database {self.db_path}") from exc
 
         try:
@@ -423,18 +336,18 @@ class Store:
         now = db.now()
         placed = False
         try:
-            with db.transaction(conn):
+            with db.transaction(self.database) as tx:
                 # Checked again under the lock: another association may have stored it meanwhile.
-                if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
+                if tx.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
                     duplicate = True
                 else:
                     duplicate = False
                     os.replace(tmp_path, final)
                     placed = True
                     _fsync_dir(final.parent)
-                    self._index(conn, ds, study_uid, series_uid, sop_uid, sop_class, tsyntax, rel, size, now,
+                    self._index(tx, ds, study_uid, series_uid, sop_uid, sop_class, tsyntax, rel, size, now,
                                 calling_ae, origin, called_ae)
-        except (sqlite3.Error, OSError) as exc:
+        except (db.Error, OSError) as exc:
             if placed:
                 # No index row refers to it (the transaction rolled back); an unindexed file
                 # would only confuse an operator, and the sender will retry.
@@ -463,7 +376,7 @@ class Store:
         return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class,
                            patient_id=patient_id)
 
-    def _index(self, conn: sqlite3.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
+    def _index(self, conn: db.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
                sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,
                called_ae: str | None = None) -> None:
         study = {
@@ -592,7 +505,7 @@ class Store:
             raise StoreError(f"cannot write {folder}: {exc}; check free space and permissions under {self.root}") from exc
         return StagedSeries(folder, files)
 
-    def publish(self, staged: StagedSeries, also: Callable[[sqlite3.Connection, list[StoreResult]], None] | None = None,
+    def publish(self, staged: StagedSeries, also: Callable[[db.Connection, list[StoreResult]], None] | None = None,
                 *, calling_ae: str = "") -> list[StoreResult]:
         """Move staged files into the store and index them in ONE transaction, with ``also(conn, stored)``.
 
@@ -615,28 +528,27 @@ class Store:
             entries.append((path, ds, study_uid, series_uid, sop_uid, sop_class, rel))
         manifest = staged.folder / MANIFEST
         _write_durably(manifest, json.dumps([e[6].as_posix() for e in entries]))
-        conn = self._conn()
         stored: list[StoreResult] = []
         try:
             for d in {(self.root / e[6]).parent for e in entries}:
                 _make_dirs(d)
-            with db.transaction(conn):
+            with db.transaction(self.database) as tx:
                 now = db.now()
                 for path, ds, study_uid, series_uid, sop_uid, sop_class, rel in entries:
                     final = self.root / rel
-                    if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
+                    if tx.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
                         stored.append(StoreResult(sop_uid, series_uid, study_uid, final, True, sop_class))
                         continue
                     size = path.stat().st_size
                     os.replace(path, final)
-                    self._index(conn, ds, study_uid, series_uid, sop_uid, sop_class,
+                    self._index(tx, ds, study_uid, series_uid, sop_uid, sop_class,
                                 str(ds.file_meta.TransferSyntaxUID), rel, size, now, calling_ae, "derived")
                     stored.append(StoreResult(sop_uid, series_uid, study_uid, final, False, sop_class))
                 for d in {r.path.parent for r in stored}:
                     _fsync_dir(d)
                 if also is not None:
-                    also(conn, stored)
-        except (sqlite3.Error, OSError) as exc:
+                    also(tx, stored)
+        except (db.Error, OSError) as exc:
             self.clean_staging(staged.folder.name)
             raise StoreError(f"publishing {staged.folder.name} failed: {exc}; check free space and the database "
                              f"{self.db_path}") from exc
@@ -692,17 +604,17 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------
 
-    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: tuple = ()) -> list[db.Row]:
         try:
             return self._conn().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
+        except db.Error as exc:
             raise StoreError(f"index query failed: {exc}; check the database {self.db_path}") from exc
 
     @staticmethod
-    def _series(row: sqlite3.Row) -> SeriesRecord:
+    def _series(row: db.Row) -> SeriesRecord:
         return SeriesRecord(**{k: row[k] for k in row.keys()})
 
-    def _instance(self, row: sqlite3.Row) -> InstanceRecord:
+    def _instance(self, row: db.Row) -> InstanceRecord:
         data = {k: row[k] for k in row.keys()}
         data["path"] = self.root / data["path"]
         return InstanceRecord(**data)
@@ -761,13 +673,12 @@ class Store:
         if unchanged_since is not None:
             sql += " AND (last_received IS NULL OR last_received <= ?)"
             params.append(unchanged_since)
-        conn = self._conn()
         try:
-            with db.transaction(conn):
-                changed = conn.execute(sql, tuple(params)).rowcount
-                if not changed and not conn.execute("SELECT 1 FROM series WHERE series_uid = ?", (uid,)).fetchone():
+            with db.transaction(self.database) as tx:
+                changed = tx.execute(sql, tuple(params)).rowcount
+                if not changed and not tx.execute("SELECT 1 FROM series WHERE series_uid = ?", (uid,)).fetchone():
                     raise KeyError(uid)
-        except sqlite3.Error as exc:
+        except db.Error as exc:
             raise StoreError(f"cannot update series state: {exc}; check the database {self.db_path}") from exc
         if changed:  # the decision itself is logged once by whoever made it (pairing.*, settle)
             log.debug("store.series.state", extra=fields(series_uid=uid, state=state, reason=reason))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -302,15 +301,9 @@ class QueryRetrieveService:
             # scp_role=True lets a C-GET caller act as Storage SCP on the same association
             ae.add_supported_context(uid, list(STORAGE_TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
 
-    @contextlib.contextmanager
-    def _index(self) -> Iterator[sqlite3.Connection]:
-        """A connection of our own, read-only, closed after the request (handlers run in association threads)."""
-        conn = db.connect(self.store.db_path)
-        try:
-            conn.execute("PRAGMA query_only = ON")
-            yield conn
-        finally:
-            conn.close()
+    def _index(self) -> contextlib.AbstractContextManager[db.Connection]:
+        """A read-only connection for one request (a query must never change the index)."""
+        return self.store.database.read_only()
 
     def _destination(self, ae_title: str) -> DicomDestination | None:
         for dest in self._move_destinations():
@@ -359,7 +352,7 @@ class QueryRetrieveService:
         try:
             with self._index() as conn:
                 rows = query.rows(conn)
-        except sqlite3.Error as exc:
+        except db.Error as exc:
             log.error("qr.find.failed", extra=fields(**where, reason=f"index unreadable: {exc}",
                                                      database=str(self.store.db_path)))
             yield _status(statuses.CANNOT_UNDERSTAND, "the node's index cannot be read; tell its operator"), None
@@ -427,7 +420,7 @@ class QueryRetrieveService:
                         f"JOIN studies st ON st.study_uid = s.study_uid WHERE s.series_uid IN ({', '.join('?' * len(chunk))})",
                         chunk).fetchall()
                     by_series.update({r[0]: (r[1], r[2]) for r in rows})
-        except sqlite3.Error:
+        except db.Error:
             pass  # the record then names series' studies as unknown; the retrieve itself went on
         studies: dict[str, audit.Study] = {}
         for item in items:
@@ -467,7 +460,7 @@ class QueryRetrieveService:
                 return retrieve_items(conn, identifier, model), None, "", level
         except IdentifierError as exc:
             return [], _status(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc)), str(exc), level
-        except sqlite3.Error as exc:
+        except db.Error as exc:
             why = f"index unreadable: {exc} (database {self.store.db_path})"
             return [], _status(statuses.UNABLE_TO_CALCULATE_MATCHES,
                                "the node's index cannot be read; tell its operator"), why, level

@@ -1,10 +1,14 @@
-"""Durable per-destination sending: an SQLite queue drained by the destination's sender, with retries, backoff and dead letters.
+"""Durable per-destination sending: a queue in the node's database drained by the destination's sender, with retries, backoff and dead letters.
 
 Every instance the node must deliver is a row of table ``outbox`` (one per
-destination and SOP Instance UID).  Rows survive a restart: a row left
-``sending`` by a crash goes back to ``pending`` when the next :class:`Outbox`
-opens the database, and is sent again, which is harmless (C-STORE of the same
-SOP Instance UID replaces or is ignored by the peer; STOW-RS likewise).
+destination and SOP Instance UID).  Rows survive a restart.  A row being
+sent is *claimed* (``claim_owner``, ``claim_run``, ``claim_expires``:
+``index/claims.py``), so several node processes can share one database and
+never send one row at once; a row left ``sending`` by a process that died goes
+back to ``pending`` when its claim is dead (at once for this node's own dead
+run, after :data:`CLAIM_S` for another's) and is sent again, which is
+harmless (C-STORE of the same SOP Instance UID replaces or is ignored by the
+peer; STOW-RS likewise).
 
 States::
 
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -48,11 +51,12 @@ from pydicom.errors import InvalidDicomError
 from dicom_node import audit, events
 from dicom_node.config import NodeSettings, OutboxConfig
 from dicom_node.index import db
+from dicom_node.index.claims import claim_dead, new_run_id, node_identity
 from dicom_node.logs import fields
 from dicom_node.net.scu import MAX_CONTEXTS
 from dicom_node.net.statuses import hex_status
 from dicom_node.outbox.senders import Outcome, Work, sender_for
-from dicom_node.states import OutboxState, check_in
+from dicom_node.states import OutboxState
 from fusion.environment import crash_point
 
 log = logging.getLogger("dicom_node.outbox")
@@ -60,50 +64,10 @@ log = logging.getLogger("dicom_node.outbox")
 STATES = tuple(s.value for s in OutboxState)
 
 __all__ = ["MAX_CONTEXTS", "Outbox", "OutboxItem", "Queued", "STATES", "SeriesGroup", "attempt_schedule",
-           "ensure_schema", "gives_up", "retry_delay"]
+           "gives_up", "retry_delay"]
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS outbox (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    destination      TEXT    NOT NULL,
-    sop_instance_uid TEXT    NOT NULL,
-    sop_class_uid    TEXT    NOT NULL,
-    path             TEXT    NOT NULL,
-    job_id           INTEGER NULL,
-    state            TEXT    NOT NULL DEFAULT 'pending' {check_in('state', OutboxState)},
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at  REAL    NOT NULL,
-    last_status      INTEGER NULL,
-    last_error       TEXT    NULL,
-    created_at       REAL    NOT NULL,
-    updated_at       REAL    NOT NULL,
-    UNIQUE (destination, sop_instance_uid)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id);
-CREATE TABLE IF NOT EXISTS outbox_destinations (
-    destination   TEXT PRIMARY KEY,
-    failing_since REAL NULL,
-    down_alerted  INTEGER NOT NULL DEFAULT 0,
-    last_error    TEXT NULL
-);
-"""
-
-#: columns added after the first release: (name, declaration); added by :func:`ensure_schema`
-_ADDED_COLUMNS = (
-    ("series_uid", "TEXT NULL"),          # groups dead letters by series (`outbox list`, `retry --series`)
-    ("first_failed_at", "REAL NULL"),     # start of the retry window (retry_for_s)
-)
-
-
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the ``outbox`` tables and indexes if missing, add newer columns to an older table (idempotent)."""
-    conn.executescript(SCHEMA)
-    have = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
-    for name, decl in _ADDED_COLUMNS:
-        if name not in have:
-            conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
-    conn.execute("CREATE INDEX IF NOT EXISTS outbox_series ON outbox (series_uid)")
+#: seconds a claim on rows being sent lasts; renewed while the batch goes out (every third of it)
+CLAIM_S = 120.0
 
 
 def retry_delay(cfg: OutboxConfig, attempts: int) -> float:
@@ -154,7 +118,7 @@ class OutboxItem:
     first_failed_at: float | None = None
 
     @classmethod
-    def _from_row(cls, row: sqlite3.Row) -> OutboxItem:
+    def _from_row(cls, row: db.Row) -> OutboxItem:
         return cls(
             id=row["id"],
             destination=row["destination"],
@@ -245,21 +209,25 @@ class Outbox:
 
     def __init__(
         self,
-        db_path: Path,
+        database: db.Database | Path | str,
         settings: NodeSettings,
         *,
         calling_ae: str | None = None,
         recover_interrupted: bool = True,
         audit_trail: audit.AuditTrail | None = None,
+        owner: str | None = None,
     ) -> None:
-        self.db_path = Path(db_path)
+        self.database = db.Database.of(database)
+        self.db_path = self.database.describe()
         self.settings = settings
         self.calling_ae = calling_ae or settings.node.ae_title
+        here = self.database.path.parent if self.database.path else Path(settings.storage.root)
+        #: who claims rows being sent (the node and its storage root) and this process's run
+        self.owner = owner or node_identity(here)
+        self.run_id = new_run_id()
+        self._renewed_at = 0.0
         #: where deliveries are recorded; the node passes its store's, else beside the database
-        self.audit = audit_trail or audit.AuditTrail(self.db_path.parent / "audit", self.calling_ae)
-        self._local = threading.local()
-        self._conns: builtins.list = []
-        self._conns_lock = threading.Lock()
+        self.audit = audit_trail or audit.AuditTrail(here / "audit", self.calling_ae)
         self._process_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -270,47 +238,45 @@ class Outbox:
 
     # -- database -----------------------------------------------------------
 
-    def _conn(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = db.connect(self.db_path)
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    def _close_thread_conn(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
-            with self._conns_lock:
-                if conn in self._conns:
-                    self._conns.remove(conn)
-            conn.close()
+    def _conn(self) -> db.Database:
+        return self.database
 
     def ensure_schema(self) -> None:
-        ensure_schema(self._conn())
+        self.database.migrate()
 
-    def _recover(self) -> None:
+    def _recover(self) -> int:
+        """Put rows whose sender died back to pending (see the module docstring); returns how many."""
         t = db.now()
+        candidates = "SELECT id, claim_owner, claim_run, claim_expires FROM outbox WHERE state='sending'"
+        dead = [r["id"] for r in self._conn().execute(candidates)
+                if r["claim_run"] != self.run_id
+                and claim_dead(r["claim_owner"], r["claim_run"], r["claim_expires"], me=self.owner, now=t)]
+        if not dead:
+            return 0  # the usual case, without taking the write lock
+        n = 0
         with db.transaction(self._conn()) as conn:
-            n = conn.execute(
-                "UPDATE outbox SET state='pending', updated_at=? WHERE state='sending'", (t,)
-            ).rowcount
+            for row in conn.execute(candidates + f" AND id IN ({','.join('?' * len(dead))})", dead).fetchall():
+                if claim_dead(row["claim_owner"], row["claim_run"], row["claim_expires"], me=self.owner, now=t):
+                    n += conn.execute("UPDATE outbox SET state='pending', claim_run=NULL, claim_expires=NULL,"
+                                      " updated_at=? WHERE id=? AND state='sending'", (t, row["id"])).rowcount
         if n:
-            log.warning("outbox.recovered", extra=fields(items=n, reason="left 'sending' by an interrupted run"))
+            log.warning("outbox.recovered", extra=fields(items=n, reason="left 'sending' by a run that died"))
+            self._wake.set()
+        return n
+
+    def _renew_claims(self, force: bool = False) -> None:
+        """Keep this run's claims alive while a long batch goes out (cheap: at most every third of CLAIM_S)."""
+        t = db.now()
+        if not force and t - self._renewed_at < CLAIM_S / 3:
+            return
+        self._renewed_at = t
+        self._conn().execute("UPDATE outbox SET claim_expires=? WHERE state='sending' AND claim_run=?",
+                             (t + CLAIM_S, self.run_id))
 
     def close(self) -> None:
         """Stop the worker and close the connections this object opened."""
         self.stop()
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:  # pragma: no cover - best effort
-                pass
-        self._local = threading.local()
+        self.database.close()
 
     def __enter__(self) -> Outbox:
         return self
@@ -342,7 +308,7 @@ class Outbox:
         self.wake()
         return new
 
-    def enqueue_in(self, conn: sqlite3.Connection, destination: str, items: Sequence[Queued | Path],
+    def enqueue_in(self, conn: db.Connection, destination: str, items: Sequence[Queued | Path],
                    job_id: int | None = None) -> int:
         """:meth:`enqueue` inside the caller's open transaction on ``conn`` (the rows commit with it).
 
@@ -437,7 +403,7 @@ class Outbox:
                 args.append(val)
         sql = ("SELECT destination, series_uid, state, COUNT(*) AS n, MAX(updated_at) AS last_update,"
                " (SELECT last_error FROM outbox o2 WHERE o2.destination = o.destination AND o2.state = o.state"
-               "  AND o2.series_uid IS o.series_uid AND o2.last_error IS NOT NULL"
+               "  AND o2.series_uid IS NOT DISTINCT FROM o.series_uid AND o2.last_error IS NOT NULL"
                "  ORDER BY o2.updated_at DESC LIMIT 1) AS last_error"
                " FROM outbox o" + (f" WHERE {' AND '.join(where)}" if where else "") +
                " GROUP BY destination, series_uid, state"
@@ -510,9 +476,11 @@ class Outbox:
             if rows:
                 ids = [r["id"] for r in rows]
                 conn.execute(
-                    f"UPDATE outbox SET state='sending', updated_at=? WHERE id IN ({','.join('?' * len(ids))})",
-                    [db.now(), *ids],
+                    "UPDATE outbox SET state='sending', updated_at=?, claim_owner=?, claim_run=?, claim_expires=?"
+                    f" WHERE id IN ({','.join('?' * len(ids))})",
+                    [db.now(), self.owner, self.run_id, db.now() + CLAIM_S, *ids],
                 )
+                self._renewed_at = db.now()
         return [Work(r["id"], r["sop_instance_uid"], r["sop_class_uid"], Path(r["path"]), r["attempts"]) for r in rows]
 
     def _release(self, items: Sequence[Work]) -> None:
@@ -534,6 +502,7 @@ class Outbox:
                 (status, db.now(), w.id),
             )
         crash_point("send")  # fault tests: sent and recorded, the rest of the batch not
+        self._renew_claims()
         warning = status != 0x0000
         events.emit("outbox.sent", destination=dest, id=w.id, sop_instance_uid=w.sop_instance_uid)
         log.log(
@@ -690,20 +659,21 @@ class Outbox:
         log.info("outbox.started", extra=fields(poll_interval_s=poll_interval_s))
 
     def _run(self, poll_interval_s: float) -> None:
-        try:
-            while not self._stop.is_set():
-                self._wake.clear()
-                busy = False
-                try:
-                    counts = self._process_due(None, cancel=self._stop)
-                    busy = any(counts.values())
-                except Exception:
-                    log.exception("outbox.error")
-                if busy:
-                    continue  # more may be due (a batch limit, items released); re-check at once
-                self._wake.wait(poll_interval_s)
-        finally:
-            self._close_thread_conn()
+        last_recovery = time.monotonic()
+        while not self._stop.is_set():
+            self._wake.clear()
+            busy = False
+            try:
+                if time.monotonic() - last_recovery >= CLAIM_S / 3:
+                    last_recovery = time.monotonic()
+                    self._recover()  # rows another node process left behind when it died
+                counts = self._process_due(None, cancel=self._stop)
+                busy = any(counts.values())
+            except Exception:
+                log.exception("outbox.error")
+            if busy:
+                continue  # more may be due (a batch limit, items released); re-check at once
+            self._wake.wait(poll_interval_s)
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Ask the worker to finish (between two C-STOREs) and wait up to ``timeout`` s; True if it ended.

@@ -12,7 +12,6 @@ time, so they are right after a restart and agree with the CLI.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +37,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _DatabaseGauges(Collector):
     """Gauges computed from the node's tables on each scrape (one short read transaction)."""
 
-    def __init__(self, db_path: Path, destinations: list[str]) -> None:
-        self._db_path = db_path
+    def __init__(self, database: db.Database, destinations: list[str]) -> None:
+        self._database = database
         self._destinations = destinations
 
     def collect(self) -> Iterator[Metric]:
@@ -54,48 +53,41 @@ class _DatabaseGauges(Collector):
                                    labels=["destination"])
         dead = GaugeMetricFamily("fusion_outbox_dead_letters", "Items given up on (state dead), by destination",
                                  labels=["destination"])
-        conn = db.connect(self._db_path)
-        try:
-            now = time.time()
-            have = {r["name"] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            counts = dict.fromkeys((s.value for s in SeriesState), 0)
-            if "series" in have:
-                for r in conn.execute("SELECT state, COUNT(*) AS n FROM series WHERE origin='received' GROUP BY state"):
-                    counts[r["state"]] = r["n"]
-            for state, n in counts.items():
-                series.add_metric([state], n)
-            counts = dict.fromkeys((s.value for s in JobState), 0)
-            if "jobs" in have:
-                for r in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-                    counts[r["state"]] = r["n"]
-            for state, n in counts.items():
-                jobs.add_metric([state], n)
-            per: dict[str, dict[str, int]] = {d: dict.fromkeys((s.value for s in OutboxState), 0)
-                                              for d in self._destinations}
-            ages: dict[str, float] = dict.fromkeys(self._destinations, 0.0)
-            if "outbox" in have:
-                for r in conn.execute("SELECT destination, state, COUNT(*) AS n, MIN(created_at) AS first "
-                                      "FROM outbox GROUP BY destination, state"):
-                    per.setdefault(r["destination"], dict.fromkeys((s.value for s in OutboxState), 0))
-                    per[r["destination"]][r["state"]] = r["n"]
-                    if r["state"] in ("pending", "sending"):
-                        ages[r["destination"]] = max(ages.get(r["destination"], 0.0), now - r["first"])
-            for dest, states in per.items():
-                for state, n in states.items():
-                    outbox.add_metric([dest, state], n)
-                depth.add_metric([dest], states["pending"] + states["sending"])
-                oldest.add_metric([dest], round(ages.get(dest, 0.0), 3))
-                dead.add_metric([dest], states["dead"])
-        finally:
-            conn.close()
+        conn = self._database
+        now = time.time()
+        counts = dict.fromkeys((s.value for s in SeriesState), 0)
+        for r in conn.execute("SELECT state, COUNT(*) AS n FROM series WHERE origin='received' GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        for state, n in counts.items():
+            series.add_metric([state], n)
+        counts = dict.fromkeys((s.value for s in JobState), 0)
+        for r in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        per: dict[str, dict[str, int]] = {d: dict.fromkeys((s.value for s in OutboxState), 0)
+                                          for d in self._destinations}
+        ages: dict[str, float] = dict.fromkeys(self._destinations, 0.0)
+        for r in conn.execute("SELECT destination, state, COUNT(*) AS n, MIN(created_at) AS first "
+                              "FROM outbox GROUP BY destination, state"):
+            per.setdefault(r["destination"], dict.fromkeys((s.value for s in OutboxState), 0))
+            per[r["destination"]][r["state"]] = r["n"]
+            if r["state"] in ("pending", "sending"):
+                ages[r["destination"]] = max(ages.get(r["destination"], 0.0), now - r["first"])
+        for dest, states in per.items():
+            for state, n in states.items():
+                outbox.add_metric([dest, state], n)
+            depth.add_metric([dest], states["pending"] + states["sending"])
+            oldest.add_metric([dest], round(ages.get(dest, 0.0), 3))
+            dead.add_metric([dest], states["dead"])
         yield from (series, jobs, outbox, depth, oldest, dead)
 
 
 class NodeMetrics:
     """The node's registry and the event listener that feeds its counters."""
 
-    def __init__(self, db_path: Path, destinations: list[str]) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, database: db.Database | Path | str, destinations: list[str]) -> None:
+        self.database = db.Database.of(database)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.instances = Counter("fusion_instances_received", "C-STORE requests by outcome "
@@ -122,9 +114,8 @@ class NodeMetrics:
         for d in destinations:
             self.sent.labels(d)
             self.dead.labels(d)
-        r.register(_DatabaseGauges(self.db_path, destinations))
+        r.register(_DatabaseGauges(self.database, destinations))
         self._delivered: set[tuple[int, str]] = set()
-        self._local = threading.local()
         self._unsubscribe: Any = None
 
     def start(self) -> NodeMetrics:
@@ -139,11 +130,8 @@ class NodeMetrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _conn(self):
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = self._local.conn = db.connect(self.db_path)
-        return c
+    def _conn(self) -> db.Database:
+        return self.database
 
     def on_event(self, event: str, f: dict[str, Any]) -> None:
         if event == "scp.instance":

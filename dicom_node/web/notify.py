@@ -64,8 +64,9 @@ def summary(payload: dict[str, Any]) -> str:
 class Notifier:
     """Listens to the node's events and delivers them to the configured receivers."""
 
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(self, settings: NodeSettings, database: db.Database | None = None) -> None:
         self.settings = settings
+        self.database = database or db.Database(settings.storage.database_location)
         self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._unsubscribe: Any = None
@@ -144,12 +145,8 @@ class Notifier:
         payload.update({k: v for k, v in fields.items() if k not in ("attempt",)})
         job_id = fields.get("job_id")
         if job_id is not None:  # the series a person looks for: by UID, never by patient
-            conn = db.connect(self.settings.storage.database_path)
-            try:
-                row = conn.execute("SELECT base_series_uid, overlay_series_uid FROM jobs WHERE id = ?",
-                                   (job_id,)).fetchone()
-            finally:
-                conn.close()
+            row = self.database.execute("SELECT base_series_uid, overlay_series_uid FROM jobs WHERE id = ?",
+                                        (job_id,)).fetchone()
             if row is not None:
                 payload.update(base_series_uid=row["base_series_uid"], overlay_series_uid=row["overlay_series_uid"])
         payload["summary"] = summary(payload)

@@ -104,8 +104,9 @@ def http_probe(dest: DicomWebDestination, settings: NodeSettings) -> Check:
 class Readiness:
     """The cached checks and the thread that refreshes them."""
 
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(self, settings: NodeSettings, database: db.Database | None = None) -> None:
         self.settings = settings
+        self.database = database or db.Database(settings.storage.database_location)
         self._lock = threading.Lock()
         self._weights: Check | None = None
         self._destinations: dict[str, Check] = {}
@@ -172,16 +173,12 @@ class Readiness:
 
     def check_database(self) -> Check:
         t = time.time()
+        where = self.database.describe()
         try:
-            conn = db.connect(self.settings.storage.database_path)
-            try:
-                conn.execute("BEGIN IMMEDIATE")  # takes the write lock: the file is writable and not stuck
-                conn.execute("ROLLBACK")
-            finally:
-                conn.close()
+            self.database.probe_write()  # takes the write lock: the database is writable and not stuck
         except Exception as exc:  # noqa: BLE001 - any failure means "not writable", with its reason
-            return Check(False, f"{self.settings.storage.database_path}: {type(exc).__name__}: {exc}", t)
-        return Check(True, f"{self.settings.storage.database_path} writable", t, round((time.time() - t) * 1000, 1))
+            return Check(False, f"{where}: {type(exc).__name__}: {exc}", t)
+        return Check(True, f"{where} writable", t, round((time.time() - t) * 1000, 1))
 
     def check_disk(self) -> Check:
         t = time.time()

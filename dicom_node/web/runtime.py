@@ -18,12 +18,10 @@ import time
 from dicom_node import logs
 from dicom_node.config import NodeSettings
 from dicom_node.errors import NodeError
-from dicom_node.index.store import Store
 from dicom_node.web.app import WebContext, create_app, http_token
 from dicom_node.web.metrics import NodeMetrics
 from dicom_node.web.notify import Notifier
 from dicom_node.web.readiness import Readiness
-from dicom_node.workflow.jobs import JobQueue
 from dicom_node.workflow.node import Node
 
 log = logging.getLogger("dicom_node.web.runtime")
@@ -96,13 +94,13 @@ class RunningNode:
         self.node = node
         settings: NodeSettings = node.settings
         self.settings = settings
-        db_path = settings.storage.database_path
-        self.metrics = NodeMetrics(db_path, [d.name for d in settings.destinations])
-        self.notifier = Notifier(settings)
-        self.readiness = Readiness(settings)
+        database = node.store.database
+        self.metrics = NodeMetrics(database, [d.name for d in settings.destinations])
+        self.notifier = Notifier(settings, database)
+        self.readiness = Readiness(settings, database)
         self.http: HttpServer | None = None
         self._node_started = False
-        self._ctx = WebContext(settings, Store(settings.storage.root, db_path), JobQueue(db_path), node.outbox,
+        self._ctx = WebContext(settings, node.store, node.jobs, node.outbox,
                                self.metrics, self.readiness, http_token(settings) if settings.http.enabled else None)
 
     @property

@@ -31,10 +31,14 @@ INTERVAL_S = 2.0
 STALE_AFTER_S = 15.0
 
 
-def heartbeat_path(database_path: Path) -> Path:
-    """``node.sqlite`` -> ``node.heartbeat.json`` in the same folder (it moves with the database)."""
+def heartbeat_path(database_path: Path, instance: str = "") -> Path:
+    """``node.sqlite`` -> ``node.heartbeat.json`` in the same folder (it moves with the database).
+
+    Node processes sharing one storage root (``storage.instance``) each keep
+    their own: ``node.<instance>.heartbeat.json``.
+    """
     database_path = Path(database_path)
-    return database_path.with_name(database_path.stem + ".heartbeat.json")
+    return database_path.with_name(database_path.stem + (f".{instance}" if instance else "") + ".heartbeat.json")
 
 
 class Heartbeat:

@@ -1,4 +1,4 @@
-"""Durable fusion job queue (a table in the node's SQLite file) and its local executor.
+"""Durable fusion job queue (a table in the node's database) and its executor threads.
 
 A job is keyed by its inputs (pipeline + the exact set of SOP instances of
 both series), so the same pair settling twice enqueues one job.  What a job
@@ -22,13 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
-import sqlite3
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +33,7 @@ from typing import Any
 from dicom_node import events, logs
 from dicom_node.errors import NodeError
 from dicom_node.index import db
-from dicom_node.states import JobState, check_in
+from dicom_node.index.claims import claim_dead, new_run_id, node_identity
 
 log = logging.getLogger("dicom_node.workflow.jobs")
 
@@ -47,70 +43,8 @@ LEASE_S = 30.0
 #: the version of the rule that names derived objects: part of every output seed
 OUTPUT_RULE = "derived-objects-1"
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT NOT NULL UNIQUE,
-    pipeline TEXT NOT NULL,
-    base_series_uid TEXT NOT NULL,
-    overlay_series_uid TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queued' {check_in('state', JobState)},
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    result TEXT,
-    version INTEGER NOT NULL DEFAULT 1,
-    interruptions INTEGER NOT NULL DEFAULT 0,
-    retries INTEGER NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_run TEXT,
-    lease_expires REAL,
-    checkpoint TEXT,
-    stage TEXT,
-    progress_done INTEGER,
-    progress_total INTEGER,
-    stage_started_at REAL,
-    progress_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-"""
-
-#: columns added after the first release (older databases get them on open)
-_ADDED_COLUMNS = (
-    ("version", "INTEGER NOT NULL DEFAULT 1"),
-    ("interruptions", "INTEGER NOT NULL DEFAULT 0"),
-    ("retries", "INTEGER NOT NULL DEFAULT 0"),
-    ("lease_owner", "TEXT"),
-    ("lease_run", "TEXT"),
-    ("lease_expires", "REAL"),
-    ("checkpoint", "TEXT"),
-    # progress: where a running job is (the status page's bar and ETA)
-    ("stage", "TEXT"), ("progress_done", "INTEGER"), ("progress_total", "INTEGER"),
-    ("stage_started_at", "REAL"), ("progress_at", "REAL"),
-)
-
-
-def _pid_alive(pid: str) -> bool:
-    """Whether a process of this machine still runs (a lease's run id starts with its pid)."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 class JobStateError(NodeError):
     """The job cannot be retried in its state (or does not exist); the message says what to do."""
-
-
-def node_identity(root: Path) -> str:
-    """Who owns a lease: this machine and this storage root, the same after a restart of the node."""
-    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
-    return f"{socket.gethostname()}:{digest}"
 
 
 @dataclass(frozen=True)
@@ -183,32 +117,18 @@ def output_seed(job: Job, pipeline: Any) -> str:
 class JobQueue:
     """The job table. ``owner`` names this node for leases (:func:`node_identity`); each process is one run."""
 
-    def __init__(self, db_path: Path, owner: str | None = None, lease_s: float = LEASE_S):
-        self._db_path = Path(db_path)
-        self._local = threading.local()
-        self.owner = owner or node_identity(self._db_path.parent)
-        self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    def __init__(self, database: db.Database | Path | str, owner: str | None = None, lease_s: float = LEASE_S):
+        self.database = db.Database.of(database)
+        self.owner = owner or node_identity(self.database.path.parent if self.database.path else Path.cwd())
+        self.run_id = new_run_id()
         self.lease_s = float(lease_s)
 
     @property
-    def conn(self):
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = self._local.conn = db.connect(self._db_path)
-        return c
+    def conn(self) -> db.Database:
+        return self.database
 
     def ensure_schema(self) -> None:
-        conn = self.conn
-        conn.executescript(_SCHEMA)
-
-        def missing() -> list[tuple[str, str]]:
-            have = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
-            return [(c, d) for c, d in _ADDED_COLUMNS if c not in have]
-
-        if missing():
-            with db.transaction(conn):
-                for column, decl in missing():  # again under the lock: another process may have done it
-                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+        self.database.migrate()
 
     def set_progress(self, job_id: int, stage: str, done: int | None = None, total: int | None = None) -> None:
         """Record where a running job is; a new stage name restarts the stage clock (the ETA's basis).
@@ -217,7 +137,7 @@ class JobQueue:
         """
         t = db.now()
         self.conn.execute(
-            "UPDATE jobs SET stage_started_at = CASE WHEN stage IS ? THEN stage_started_at ELSE ? END, "
+            "UPDATE jobs SET stage_started_at = CASE WHEN COALESCE(stage, '') = ? THEN stage_started_at ELSE ? END, "
             "stage = ?, progress_done = COALESCE(?, progress_done), progress_total = COALESCE(?, progress_total), "
             "progress_at = ? WHERE id = ?",
             (stage, t, stage, done, total, t, job_id),
@@ -229,12 +149,13 @@ class JobQueue:
             row = c.execute("SELECT id FROM jobs WHERE key = ?", (key,)).fetchone()
             if row:
                 return row["id"], False
-            cur = c.execute(
-                "INSERT INTO jobs (key, pipeline, base_series_uid, overlay_series_uid, created_at) VALUES (?, ?, ?, ?, ?)",
+            new = c.execute(
+                "INSERT INTO jobs (key, pipeline, base_series_uid, overlay_series_uid, created_at)"
+                " VALUES (?, ?, ?, ?, ?) RETURNING id",
                 (key, pipeline, base_series_uid, overlay_series_uid, db.now()),
-            )
-            assert cur.lastrowid is not None  # sqlite3 sets it after every successful INSERT
-            return int(cur.lastrowid), True
+            ).fetchone()
+            assert new is not None  # RETURNING gives the row it inserted
+            return int(new["id"]), True
 
     def claim(self) -> Job | None:
         """Take the oldest queued job and mark it running under this run's lease (atomic across processes).
@@ -258,7 +179,7 @@ class JobQueue:
     def _mine(self) -> str:
         return " AND state = 'running' AND lease_run = ?"
 
-    def finish(self, job_id: int, result: dict, conn: sqlite3.Connection | None = None) -> bool:
+    def finish(self, job_id: int, result: dict, conn: db.Connection | None = None) -> bool:
         """Mark the job done, only while this run holds it; ``conn`` puts it in the caller's transaction."""
         return bool((conn or self.conn).execute(
             "UPDATE jobs SET state = 'done', finished_at = ?, result = ?, error = NULL, lease_expires = NULL"
@@ -284,7 +205,7 @@ class JobQueue:
         Neither an attempt nor an interruption is counted: the stop was asked for.
         """
         n = self.conn.execute(
-            "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), started_at = NULL,"
+            "UPDATE jobs SET state = 'queued', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, started_at = NULL,"
             " lease_run = NULL, lease_expires = NULL WHERE id = ?" + self._mine(), (job_id, self.run_id)).rowcount
         return n > 0
 
@@ -294,10 +215,6 @@ class JobQueue:
             "UPDATE jobs SET lease_expires = ? WHERE state = 'running' AND lease_run = ?",
             (db.now() + self.lease_s, self.run_id),
         ).rowcount
-
-    def requeue(self, job_id: int) -> None:
-        """Deprecated spelling of :func:`retry_job` for a failed job (kept for older callers)."""
-        retry_job(self, job_id)
 
     def recover(self, now: float | None = None) -> int:
         """Take over the running jobs of dead runs; returns how many went back to the queue.
@@ -333,9 +250,7 @@ class JobQueue:
         return n
 
     def _dead(self, row: Any, now: float) -> bool:
-        if row["lease_owner"] is None or row["lease_run"] is None or (row["lease_expires"] or 0) < now:
-            return True
-        return row["lease_owner"] == self.owner and not _pid_alive(str(row["lease_run"]).split("-")[0])
+        return claim_dead(row["lease_owner"], row["lease_run"], row["lease_expires"], me=self.owner, now=now)
 
     def get(self, job_id: int) -> Job | None:
         row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -381,7 +296,7 @@ def retry_job(queue: JobQueue, job_id: int, *, new_version: bool = False) -> Job
         bump = 1 if new_version else 0
         c.execute(
             "UPDATE jobs SET state = 'queued', error = NULL, retries = retries + 1, version = version + ?,"
-            " checkpoint = CASE WHEN ? THEN NULL ELSE checkpoint END, lease_owner = NULL, lease_run = NULL,"
+            " checkpoint = CASE WHEN ? = 1 THEN NULL ELSE checkpoint END, lease_owner = NULL, lease_run = NULL,"
             " lease_expires = NULL WHERE id = ?",
             (bump, bump, job_id),
         )
@@ -417,7 +332,7 @@ class Executor:
         while not self._stop.wait(self._queue.lease_s / 3):
             try:
                 self._queue.heartbeat()
-            except sqlite3.Error:
+            except db.Error:
                 log.exception("job.heartbeat.failed")
 
     def request_stop(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from dicom_node import audit, logs
 from dicom_node.config import NodeSettings
+from dicom_node.index import db
 from dicom_node.index.store import Store
 from dicom_node.net.listener import Listener, node_listener
 from dicom_node.outbox import Outbox
@@ -36,13 +37,15 @@ log = logging.getLogger("dicom_node.workflow.node")
 class Node:
     def __init__(self, settings: NodeSettings):
         self.settings = settings
-        db_path = settings.storage.database_path
-        self.store = Store(settings.storage.root, db_path)
+        #: one database (SQLite file or PostgreSQL) and its connection pool, shared by every part
+        database = db.Database(settings.storage.database_location)
+        owner = node_identity(settings.storage.root)
+        self.store = Store(settings.storage.root, database, work=settings.storage.instance)
         self.store.ensure_schema()
         self.store.clear_tmp()  # a crash's partial files and spool folders: nothing writes there yet
-        self.jobs = JobQueue(db_path, owner=node_identity(settings.storage.root))
-        self.jobs.ensure_schema()
-        self.outbox = Outbox(db_path, settings, audit_trail=audit.trail_for(self.store.root, settings.node.ae_title))
+        self.jobs = JobQueue(database, owner=owner)
+        self.outbox = Outbox(database, settings, audit_trail=audit.trail_for(self.store.root, settings.node.ae_title),
+                             owner=owner)
         self.settler = Settler(settings, self.store)
         self.pairing = Pairing(settings, self.store, self.jobs)
         #: VGG16 models per device, loaded once and shared by the jobs
@@ -134,7 +137,8 @@ class Node:
         self._sweeper.start()
         self._retainer = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         self._retainer.start()
-        self._heartbeat = Heartbeat(heartbeat_path(self.settings.storage.database_path), {
+        self._heartbeat = Heartbeat(heartbeat_path(self.settings.storage.database_path,
+                                                    self.settings.storage.instance), {
             "ae_title": self.settings.node.ae_title, "ports": {"dicom": self.port, "dicom_tls": self.tls_port}}).start()
         log.info("node.started", extra=logs.fields(ae_title=self.settings.node.ae_title, port=self.port,
                                                     pipelines=[p.name for p in self.settings.pipelines]))
