@@ -1,7 +1,8 @@
 """The life cycles the node's database records: series, jobs, outbox items.
 
-Each enum is the whole set of states of one column; the schema turns it into
-a CHECK constraint (:func:`check_in`), so a typo can never be written.  The
+Each enum is the whole set of states of one column; the schema holds the same
+set as a CHECK constraint (``index/migrations``; tests/test_database.py checks
+they agree), so a typo can never be written.  The
 transitions are described where they are made: series in
 ``workflow/settle.py`` and ``workflow/pairing.py``, jobs in
 ``workflow/jobs.py``, outbox items in ``outbox/queue.py``.
@@ -37,9 +38,3 @@ class OutboxState(StrEnum):
     SENDING = "sending"
     SENT = "sent"
     DEAD = "dead"
-
-
-def check_in(column: str, states: type[StrEnum]) -> str:
-    """``CHECK (column IN ('a', 'b', ...))`` for a schema."""
-    values = ", ".join(f"'{s.value}'" for s in states)
-    return f"CHECK ({column} IN ({values}))"

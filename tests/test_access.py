@@ -412,8 +412,11 @@ def test_older_database_gains_the_called_ae_column(tmp_path):
     ds = make_image()
     old.store_dataset(ds, origin="received", calling_ae="OLDSCU")
     old.close()
-    with sqlite3.connect(db) as conn:  # what a database written before the column existed looks like
+    with sqlite3.connect(db) as conn:  # what a database written before the column (and Alembic) existed looks like
         conn.execute("ALTER TABLE instances DROP COLUMN called_ae")
+        conn.execute("DROP TABLE alembic_version")
+        for column in ("claim_owner", "claim_run", "claim_expires"):  # revision 0002's
+            conn.execute(f"ALTER TABLE outbox DROP COLUMN {column}")
         assert "called_ae" not in {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
 
     store = Store(tmp_path / "data", db)

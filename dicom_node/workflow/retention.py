@@ -94,18 +94,12 @@ class Retention:
     def _conn(self) -> db.Database:
         return db.connect(self.store.database)
 
-    def _has_table(self, name: str) -> bool:
-        """Every table is there once the schema is migrated; kept so the rules read as what they check."""
-        return name in ("jobs", "outbox")
-
     # -- deciding ---------------------------------------------------------------------
 
     def verdicts(self, now: float | None = None, *, below_watermark: bool = False) -> list[Verdict]:
         """Every received and derived series with its verdict, oldest first."""
         t = db.now() if now is None else now
         conn = self._conn()
-        jobs = self._has_table("jobs")
-        outbox = self._has_table("outbox")
         rows = conn.execute(
             "SELECT s.series_uid, s.study_uid, s.origin, s.state, s.last_received, s.first_received,"
             " COUNT(i.sop_instance_uid) AS n, COALESCE(SUM(i.size_bytes), 0) AS size"
@@ -115,17 +109,15 @@ class Retention:
         out = []
         for r in rows:
             uid = r["series_uid"]
-            undelivered = sent_at = None
-            if outbox:
-                undelivered = conn.execute(
-                    "SELECT COUNT(*) FROM outbox WHERE state != 'sent' AND (series_uid = ? OR sop_instance_uid IN"
-                    " (SELECT sop_instance_uid FROM instances WHERE series_uid = ?))", (uid, uid)).fetchone()[0]
-                sent_at = conn.execute(
-                    "SELECT MAX(updated_at) FROM outbox WHERE state = 'sent' AND (series_uid = ? OR sop_instance_uid"
-                    " IN (SELECT sop_instance_uid FROM instances WHERE series_uid = ?))", (uid, uid)).fetchone()[0]
+            undelivered = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state != 'sent' AND (series_uid = ? OR sop_instance_uid IN"
+                " (SELECT sop_instance_uid FROM instances WHERE series_uid = ?))", (uid, uid)).fetchone()[0]
+            sent_at = conn.execute(
+                "SELECT MAX(updated_at) FROM outbox WHERE state = 'sent' AND (series_uid = ? OR sop_instance_uid"
+                " IN (SELECT sop_instance_uid FROM instances WHERE series_uid = ?))", (uid, uid)).fetchone()[0]
             changed = max(x for x in (r["last_received"], r["first_received"], sent_at, 0.0) if x is not None)
             age = max(0.0, t - changed)
-            ok, limit_days, reason = self._rule(conn, r, undelivered or 0, jobs, outbox)
+            ok, limit_days, reason = self._rule(conn, r, undelivered or 0)
             old_enough = limit_days is not None and age >= limit_days * DAY_S
             purge = ok and (old_enough or below_watermark)
             if ok and not purge:
@@ -136,8 +128,7 @@ class Retention:
                                old_enough))
         return out
 
-    def _rule(self, conn: db.Database, r: db.Row, undelivered: int, jobs: bool,
-              outbox: bool) -> tuple[bool, float | None, str]:
+    def _rule(self, conn: db.Database, r: db.Row, undelivered: int) -> tuple[bool, float | None, str]:
         """(eligible by state, age limit in days, reason) for one series."""
         cfg = self.settings.retention
         uid, state = r["series_uid"], r["state"]
@@ -147,10 +138,8 @@ class Retention:
             return True, cfg.derived_max_age_days, "derived and delivered"
         if state in ("open", "settled"):
             return False, None, f"series {state} (still arriving or about to pair)"
-        job_states: list[tuple[int, str]] = []
-        if jobs:
-            job_states = [(j["id"], j["state"]) for j in conn.execute(
-                "SELECT id, state FROM jobs WHERE base_series_uid = ? OR overlay_series_uid = ?", (uid, uid))]
+        job_states = [(j["id"], j["state"]) for j in conn.execute(
+            "SELECT id, state FROM jobs WHERE base_series_uid = ? OR overlay_series_uid = ?", (uid, uid))]
         pending = [i for i, s in job_states if s in ("queued", "running")]
         if pending:
             return False, None, f"job(s) {pending} queued or running need it"
@@ -161,12 +150,11 @@ class Retention:
             failed = [i for i, s in job_states if s == "failed"]
             return True, cfg.unfused_max_age_days, (f"never fused (job(s) {failed} failed)" if failed
                                                     else "never fused (no job)")
-        if outbox:
-            marks = ",".join("?" * len(done))
-            left = conn.execute(f"SELECT COUNT(*) FROM outbox WHERE job_id IN ({marks}) AND state != 'sent'",
-                                done).fetchone()[0]
-            if left:
-                return False, None, f"fusion of job(s) {done} not yet delivered ({left} item(s))"
+        marks = ",".join("?" * len(done))
+        left = conn.execute(f"SELECT COUNT(*) FROM outbox WHERE job_id IN ({marks}) AND state != 'sent'",
+                            done).fetchone()[0]
+        if left:
+            return False, None, f"fusion of job(s) {done} not yet delivered ({left} item(s))"
         return True, cfg.received_max_age_days, f"fused (job(s) {done}) and delivered"
 
     # -- purging ----------------------------------------------------------------------
@@ -211,13 +199,11 @@ class Retention:
             return report
 
     def _delete(self, v: Verdict) -> None:
-        conn = self._conn()
-        outbox = self._has_table("outbox")
-        with db.transaction(conn) as c:
+        with db.transaction(self._conn()) as c:
             paths = [self.store.root / p["path"] for p in c.execute(
                 "SELECT path FROM instances WHERE series_uid = ?", (v.series_uid,))]
             # re-checked inside the transaction: a new instance or outbox row since the decision keeps the series
-            if outbox and c.execute(
+            if c.execute(
                     "SELECT COUNT(*) FROM outbox WHERE state != 'sent' AND (series_uid = ? OR sop_instance_uid IN"
                     " (SELECT sop_instance_uid FROM instances WHERE series_uid = ?))",
                     (v.series_uid, v.series_uid)).fetchone()[0]:
@@ -225,9 +211,8 @@ class Retention:
             row = c.execute("SELECT state, instance_count FROM series WHERE series_uid = ?", (v.series_uid,)).fetchone()
             if row is None or row["state"] != v.state or len(paths) != v.instances:
                 return
-            if outbox:
-                c.execute("DELETE FROM outbox WHERE state = 'sent' AND sop_instance_uid IN"
-                          " (SELECT sop_instance_uid FROM instances WHERE series_uid = ?)", (v.series_uid,))
+            c.execute("DELETE FROM outbox WHERE state = 'sent' AND sop_instance_uid IN"
+                      " (SELECT sop_instance_uid FROM instances WHERE series_uid = ?)", (v.series_uid,))
             c.execute("DELETE FROM instances WHERE series_uid = ?", (v.series_uid,))
             c.execute("DELETE FROM series WHERE series_uid = ?", (v.series_uid,))
             if c.execute("SELECT 1 FROM series WHERE study_uid = ? LIMIT 1", (v.study_uid,)).fetchone() is None:
