@@ -474,6 +474,9 @@ def test_scale_nodes_run_as_the_single_node_does(tmp_path):
         host_ports += [published[cfg.node.port].split(":")[-1], published[8080].split(":")[-1]]
         assert node["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert len(host_ports) == len(set(host_ports)), "two nodes publish the same host port"
+    # the lease owner is host name + store (workflow/jobs.node_identity): fixed and different per node,
+    # or a re-created container (a new random host name) could not take its own jobs back at once
+    assert sorted(services[n].get("hostname", "") for n in NODES) == sorted(NODES)
     assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
 
 
