@@ -21,13 +21,16 @@ demo: $(STAMP)
 
 # Real peers for the tests: DCMTK, dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin,
 # headless Chromium (the status page, tests/test_web.py); systemd-analyze checks
-# deploy/fusion-node.service, sqlite3 the backup command of docs/deployment.md.
+# deploy/fusion-node.service, sqlite3 the backup command of docs/deployment.md; the PostgreSQL
+# server (tests/postgres_server.py starts a temporary cluster from /usr/lib/postgresql/<version>/bin).
+# The server's binaries live under a version-numbered folder, so the path that stands for it is the
+# one file of the version-independent `postgresql` metapackage that slim images keep (its copyright).
 TEST_TOOLS := /usr/bin/storescu /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
-	/usr/bin/chromium /usr/bin/systemd-analyze /usr/bin/sqlite3
+	/usr/bin/chromium /usr/bin/systemd-analyze /usr/bin/sqlite3 /usr/share/doc/postgresql/copyright
 $(TEST_TOOLS):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-		dcmtk dicom3tools orthanc orthanc-dicomweb chromium systemd sqlite3 >/dev/null
+		dcmtk dicom3tools orthanc orthanc-dicomweb chromium systemd sqlite3 postgresql >/dev/null
 
 # Static checks first (seconds), then the suite. pytest's exit code 5 (no tests ran) fails the run.
 # `make test` (and CI) leaves out the tests marked `slow` (the fault-injection, lifecycle, hostile-corpus

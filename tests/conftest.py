@@ -1,4 +1,4 @@
-"""Shared fixtures: where ../shared lives, GPU detection, weight availability."""
+"""Shared fixtures: where ../shared lives, GPU detection, weight availability, a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -67,3 +67,31 @@ def vgg_weights():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261122)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL for the session: a temporary cluster on a loopback port (tests/postgres_server.py).
+
+    Skips, saying why, where the Debian ``postgresql`` server or psycopg is not installed
+    (``make test`` installs the server; psycopg comes with the package's PostgreSQL extra).
+    """
+    from postgres_server import PostgresServer, PostgresUnavailable
+
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed in this venv")
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server here: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's server, one per test: its SQLAlchemy URL."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url.rsplit("/", 1)[1])
