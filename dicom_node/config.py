@@ -697,7 +697,7 @@ def parse_config(raw: dict, base_dir: Path | None = None, source: str = "config"
         db = storage.database
         if db is not None and not db.is_absolute():
             db = base_dir / db
-        cfg = cfg.model_copy(update={"storage": StorageConfig(root=root, database=db)})
+        cfg = cfg.model_copy(update={"storage": storage.model_copy(update={"root": root, "database": db})})
         cfg = _log_file_path(cfg, base_dir)
     return _tls_files(cfg, base_dir, source)
 

@@ -95,3 +95,11 @@ def postgres_url(postgres_server) -> str:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_location(request, tmp_path):
+    """A fresh node database on each engine: the SQLite file (the default) and a real PostgreSQL."""
+    if request.param == "sqlite":
+        return tmp_path / "node.sqlite"
+    return request.getfixturevalue("postgres_url")

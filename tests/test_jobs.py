@@ -24,8 +24,9 @@ from dicom_node.workflow.jobs import (
 from fusion.environment import child_environment
 
 
-def _queue(tmp_path) -> JobQueue:
-    q = JobQueue(tmp_path / "node.sqlite")
+def _queue(location) -> JobQueue:
+    """A job queue on ``db_location``: each test below runs on SQLite and on PostgreSQL."""
+    q = JobQueue(location)
     q.ensure_schema()
     return q
 
@@ -38,22 +39,22 @@ def test_input_key_depends_on_inputs_not_order():
     assert k != input_key("p", ["2.1"], ["1.2", "1.3"])  # roles matter
 
 
-def test_same_inputs_enqueue_once(tmp_path):
-    q = _queue(tmp_path)
+def test_same_inputs_enqueue_once(db_location, tmp_path):
+    q = _queue(db_location)
     a = q.enqueue("k1", "p", "b", "o")
     b = q.enqueue("k1", "p", "b", "o")
     assert a == (a[0], True) and b == (a[0], False)
     assert len(q.list()) == 1
 
 
-def test_claim_is_exclusive_across_threads(tmp_path):
-    q = _queue(tmp_path)
+def test_claim_is_exclusive_across_threads(db_location, tmp_path):
+    q = _queue(db_location)
     for i in range(20):
         q.enqueue(f"k{i}", "p", "b", "o")
     claimed, lock = [], threading.Lock()
 
     def worker():
-        wq = JobQueue(tmp_path / "node.sqlite")
+        wq = JobQueue(db_location)
         while (job := wq.claim()) is not None:
             with lock:
                 claimed.append(job.id)
@@ -66,47 +67,47 @@ def test_claim_is_exclusive_across_threads(tmp_path):
     assert sorted(claimed) == sorted(j.id for j in q.list())
 
 
-def _die_holding_a_job(tmp_path) -> None:
+def _die_holding_a_job(location) -> None:
     """Another process of this node claims the next job and dies with it (os._exit: no clean-up)."""
     code = ("import os, sys; from dicom_node.workflow.jobs import JobQueue; "
             "q = JobQueue(sys.argv[1]); assert q.claim() is not None; os._exit(0)")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "node.sqlite")], check=True,
+    subprocess.run([sys.executable, "-c", code, str(location)], check=True,
                    env=child_environment(Path(__file__).resolve().parents[1]))
 
 
-def test_restart_resumes_running_jobs_and_gives_up_after_limit(tmp_path):
-    q = _queue(tmp_path)
+def test_restart_resumes_running_jobs_and_gives_up_after_limit(db_location, tmp_path):
+    q = _queue(db_location)
     job_id, _ = q.enqueue("k", "p", "b", "o")
-    _die_holding_a_job(tmp_path)
+    _die_holding_a_job(db_location)
     assert q.get(job_id).state == "running" and q.get(job_id).lease_expires > time.time()
-    fresh = _queue(tmp_path)  # the same node (same root) restarted: takes its job back at once, lease or not
+    fresh = _queue(db_location)  # the same node (same root) restarted: takes its job back at once, lease or not
     assert fresh.recover() == 1 and fresh.get(job_id).state == "queued"
     assert fresh.get(job_id).interruptions == 1 and fresh.get(job_id).retries == 0
     for _ in range(MAX_INTERRUPTIONS - 1):
-        _die_holding_a_job(tmp_path)
-        _queue(tmp_path).recover()
+        _die_holding_a_job(db_location)
+        _queue(db_location).recover()
     job = fresh.get(job_id)
     assert job.state == "failed" and "interrupted 3 times" in job.error and job.interruptions == MAX_INTERRUPTIONS
 
 
-def test_operator_retries_do_not_use_up_interruptions(tmp_path):
+def test_operator_retries_do_not_use_up_interruptions(db_location, tmp_path):
     """The measured bug: a job retried twice was failed by the next restart (one shared counter)."""
-    q = _queue(tmp_path)
+    q = _queue(db_location)
     job_id, _ = q.enqueue("k", "p", "b", "o")
     for _ in range(3):
         job = q.claim()
         q.fail(job.id, "boom")
         retry_job(q, job_id)
     assert q.get(job_id).retries == 3 and q.get(job_id).interruptions == 0
-    _die_holding_a_job(tmp_path)
-    assert _queue(tmp_path).recover() == 1
+    _die_holding_a_job(db_location)
+    assert _queue(db_location).recover() == 1
     assert q.get(job_id).state == "queued" and q.get(job_id).interruptions == 1
 
 
-def test_lease_heartbeat_and_takeover_by_another_node(tmp_path):
-    a = JobQueue(tmp_path / "node.sqlite", owner="host-a", lease_s=0.6)
+def test_lease_heartbeat_and_takeover_by_another_node(db_location, tmp_path):
+    a = JobQueue(db_location, owner="host-a", lease_s=0.6)
     a.ensure_schema()
-    b = JobQueue(tmp_path / "node.sqlite", owner="host-b", lease_s=0.6)
+    b = JobQueue(db_location, owner="host-b", lease_s=0.6)
     job_id, _ = a.enqueue("k", "p", "b", "o")
     job = a.claim()
     assert job.lease_owner == "host-a" and job.lease_run == a.run_id and job.lease_expires > time.time()
@@ -124,8 +125,8 @@ def test_lease_heartbeat_and_takeover_by_another_node(tmp_path):
     assert b.finish(job_id, {"ok": True}) and b.get(job_id).state == "done"
 
 
-def test_retry_guards(tmp_path):
-    q = _queue(tmp_path)
+def test_retry_guards(db_location, tmp_path):
+    q = _queue(db_location)
     job_id, _ = q.enqueue("k", "p", "b", "o")
     with pytest.raises(JobStateError, match="no job 99"):
         retry_job(q, 99)
@@ -146,14 +147,14 @@ def test_retry_guards(tmp_path):
     assert v2.state == "queued" and v2.version == 2 and v2.retries == 2 and v2.checkpoint is None
 
 
-def test_output_seed_follows_inputs_parameters_and_version(tmp_path):
+def test_output_seed_follows_inputs_parameters_and_version(db_location, tmp_path):
     from dicom_node.config import parse_config
 
     def pipeline(**kw):
         return parse_config({"pipelines": [{"name": "p", "base": {"modality": ["CT"]},
                                             "overlay": {"modality": ["MR"]}, **kw}]}).pipelines[0]
 
-    q = _queue(tmp_path)
+    q = _queue(db_location)
     job_id, _ = q.enqueue(input_key("p", ["1.1"], ["2.1"]), "p", "b", "o")
     job = q.get(job_id)
     seed = output_seed(job, pipeline())
@@ -164,8 +165,8 @@ def test_output_seed_follows_inputs_parameters_and_version(tmp_path):
     assert seed != output_seed(dataclasses.replace(job, key=input_key("p", ["1.1", "1.2"], ["2.1"])), pipeline())
 
 
-def test_executor_records_success_and_failure(tmp_path):
-    q = _queue(tmp_path)
+def test_executor_records_success_and_failure(db_location, tmp_path):
+    q = _queue(db_location)
     ok, _ = q.enqueue("ok", "p", "b", "o")
     bad, _ = q.enqueue("bad", "p", "b", "o")
 
@@ -214,14 +215,14 @@ def test_cli_jobs_retry_guards_and_counters(tmp_path, capsys):
     assert "version 2" in capsys.readouterr().out
 
 
-def test_checkpoints_resume_only_the_same_job_version_and_parameters(tmp_path):
+def test_checkpoints_resume_only_the_same_job_version_and_parameters(db_location, tmp_path):
     import numpy as np
 
     from dicom_node.workflow import checkpoint
     from dicom_node.workflow.checkpoint import Checkpoints
     from dicom_node.workflow.stages import FusedStack, Registration
 
-    q = _queue(tmp_path)
+    q = _queue(db_location)
     job_id, _ = q.enqueue("k", "p", "b", "o")
     job = q.claim()
     ck = Checkpoints(q, job, tmp_path, "seed-1")

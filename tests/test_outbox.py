@@ -136,6 +136,12 @@ class PynetdicomPeer:
         self.server.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """On PostgreSQL the audit trail goes under the (relative) storage root: keep it in the test's folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def peer():
     p = PynetdicomPeer()
@@ -186,12 +192,12 @@ def states(ob: Outbox) -> dict[str, str]:
 # -- tests ------------------------------------------------------------------
 
 
-def test_sends_to_dcmtk_storescp_in_one_association(tmp_path, capture):
+def test_sends_to_dcmtk_storescp_in_one_association(db_location, tmp_path, capture):
     port = _free_port()
     scp = Storescp(tmp_path / "received", port)
     try:
         files = make_sc(tmp_path / "out", 3)
-        ob = Outbox(tmp_path / "node.sqlite", settings_for(port))
+        ob = Outbox(db_location, settings_for(port))
         assert ob.enqueue("pacs", files, job_id=7) == 3
         assert ob.summary()["pacs"]["pending"] == 3
         assert ob.process_due() == {"sent": 3, "retried": 0, "dead": 0}
@@ -209,10 +215,10 @@ def test_sends_to_dcmtk_storescp_in_one_association(tmp_path, capture):
     assert PATIENT_NAME not in text and "Secret" not in text and PATIENT_ID not in text
 
 
-def test_destination_down_then_up(tmp_path):
+def test_destination_down_then_up(db_location, tmp_path):
     port = _free_port()  # nothing listens here yet
     files = make_sc(tmp_path / "out", 2)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(port, max_attempts=5, initial=0.05))
+    ob = Outbox(db_location, settings_for(port, max_attempts=5, initial=0.05))
     ob.enqueue("pacs", files)
     t0 = time.time()
     assert ob.process_due(now=t0) == {"sent": 0, "retried": 2, "dead": 0}
@@ -234,10 +240,10 @@ def test_destination_down_then_up(tmp_path):
     ob.close()
 
 
-def test_backoff_doubles_caps_and_dead_letters(tmp_path, capture):
+def test_backoff_doubles_caps_and_dead_letters(db_location, tmp_path, capture):
     port = _free_port()
     files = make_sc(tmp_path / "out", 1)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(port, max_attempts=6, initial=1.0, maximum=5.0))
+    ob = Outbox(db_location, settings_for(port, max_attempts=6, initial=1.0, maximum=5.0))
     ob.enqueue("pacs", files)
     now = time.time() + 10.0
     for attempt, delay in enumerate([1.0, 2.0, 4.0, 5.0, 5.0], start=1):
@@ -258,9 +264,9 @@ def test_backoff_doubles_caps_and_dead_letters(tmp_path, capture):
     ob.close()
 
 
-def test_failure_status_retries_dies_and_is_revived(tmp_path, peer, capture):
+def test_failure_status_retries_dies_and_is_revived(db_location, tmp_path, peer, capture):
     files = make_sc(tmp_path / "out", 2)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port, max_attempts=3, initial=0.01))
+    ob = Outbox(db_location, settings_for(peer.port, max_attempts=3, initial=0.01))
     ob.enqueue("pacs", files)
     peer.status = 0xA700  # out of resources
     now = time.time()
@@ -288,9 +294,9 @@ def test_failure_status_retries_dies_and_is_revived(tmp_path, peer, capture):
     ob.close()
 
 
-def test_warning_status_counts_as_sent(tmp_path, peer, capture):
+def test_warning_status_counts_as_sent(db_location, tmp_path, peer, capture):
     files = make_sc(tmp_path / "out", 1)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port))
+    ob = Outbox(db_location, settings_for(peer.port))
     ob.enqueue("pacs", files)
     peer.status = 0xB000
     assert ob.process_due() == {"sent": 1, "retried": 0, "dead": 0}
@@ -301,11 +307,11 @@ def test_warning_status_counts_as_sent(tmp_path, peer, capture):
     ob.close()
 
 
-def test_association_rejected_is_retried(tmp_path):
+def test_association_rejected_is_retried(db_location, tmp_path):
     peer = PynetdicomPeer(ae_title="DEST", require_called_aet=True)
     try:
         files = make_sc(tmp_path / "out", 1)
-        ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port, called="WRONGAE"))
+        ob = Outbox(db_location, settings_for(peer.port, called="WRONGAE"))
         ob.enqueue("pacs", files)
         assert ob.process_due() == {"sent": 0, "retried": 1, "dead": 0}
         (item,) = ob.list()
@@ -316,10 +322,10 @@ def test_association_rejected_is_retried(tmp_path):
         peer.close()
 
 
-def test_mixed_transfer_syntaxes_and_missing_file(tmp_path, peer):
+def test_mixed_transfer_syntaxes_and_missing_file(db_location, tmp_path, peer):
     explicit = make_sc(tmp_path / "a", 2)
     implicit = make_sc(tmp_path / "b", 2, transfer_syntax=ImplicitVRLittleEndian)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port))
+    ob = Outbox(db_location, settings_for(peer.port))
     assert ob.enqueue("pacs", explicit + implicit) == 4
     gone = implicit[1]
     gone_uid = uids([gone]).pop()
@@ -352,9 +358,9 @@ def test_restart_resets_interrupted_sends(tmp_path, peer):
     ob.close()
 
 
-def test_enqueue_is_idempotent(tmp_path, peer):
+def test_enqueue_is_idempotent(db_location, tmp_path, peer):
     files = make_sc(tmp_path / "out", 3)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port))
+    ob = Outbox(db_location, settings_for(peer.port))
     assert ob.enqueue("pacs", files) == 3
     assert ob.enqueue("pacs", files[:2]) == 0
     assert ob.enqueue("other", files[:1]) == 1  # another destination is another row
@@ -367,8 +373,8 @@ def test_enqueue_is_idempotent(tmp_path, peer):
     ob.close()
 
 
-def test_unknown_destination_and_bad_files(tmp_path, peer):
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port))
+def test_unknown_destination_and_bad_files(db_location, tmp_path, peer):
+    ob = Outbox(db_location, settings_for(peer.port))
     with pytest.raises(ValueError, match=r"'nowhere'.*'pacs', 'other'"):
         ob.enqueue("nowhere", make_sc(tmp_path / "out", 1))
     junk = tmp_path / "junk.dcm"
@@ -381,9 +387,9 @@ def test_unknown_destination_and_bad_files(tmp_path, peer):
     ob.close()
 
 
-def test_background_worker_sends_and_stops_promptly(tmp_path, peer):
+def test_background_worker_sends_and_stops_promptly(db_location, tmp_path, peer):
     files = make_sc(tmp_path / "out", 3)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port))
+    ob = Outbox(db_location, settings_for(peer.port))
     ob.start(poll_interval_s=0.05)
     try:
         ob.enqueue("pacs", files)
@@ -400,9 +406,9 @@ def test_background_worker_sends_and_stops_promptly(tmp_path, peer):
     ob.close()
 
 
-def test_unexpected_error_never_strands_rows_sending(tmp_path, peer, monkeypatch):
+def test_unexpected_error_never_strands_rows_sending(db_location, tmp_path, peer, monkeypatch):
     files = make_sc(tmp_path / "out", 2)
-    ob = Outbox(tmp_path / "node.sqlite", settings_for(peer.port))
+    ob = Outbox(db_location, settings_for(peer.port))
     ob.enqueue("pacs", files)
 
     class Broken:  # a sender with a bug: it fails after its first item

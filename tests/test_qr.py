@@ -172,16 +172,18 @@ def destination():
     server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, destination):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def node(request, tmp_path_factory, destination):
+    """The Q/R SCP on each engine: its matching must answer alike on the SQLite file and PostgreSQL."""
     root = tmp_path_factory.mktemp("qr")
+    url = request.getfixturevalue("postgres_server").create_database() if request.param == "postgresql" else ""
     cfg = parse_config({
         "node": {"ae_title": SCP_AE, "host": "127.0.0.1", "port": 0, "network_timeout_s": 10.0},
-        "storage": {"root": str(root / "data")},
+        "storage": {"root": str(root / "data"), "database_url": url},
         "destinations": [{"name": "workstation", "ae_title": DEST_AE, "host": "127.0.0.1", "port": destination.port}],
         "query_retrieve": {"allowed_callers": [SCU_AE], "allowed_addresses": ["127.0.0.1"]},  # Q/R is deny-by-default
     })
-    store = Store(cfg.storage.root, cfg.storage.database_path)
+    store = Store(cfg.storage.root, cfg.storage.database_location)
     store.ensure_schema()
     catalog = _fill(store)
     server = RunningSCP(cfg, store, query_retrieve=True)

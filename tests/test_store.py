@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import sqlalchemy.exc
 from dicom_helpers import UID_PREFIX, make_image, write
 from pydicom import dcmread
@@ -19,8 +20,9 @@ from dicom_node.index.store import InvalidInstanceError, Store, StoreError
 
 
 @pytest.fixture
-def store(tmp_path) -> Store:
-    s = Store(tmp_path / "data", tmp_path / "data" / "node.sqlite")
+def store(tmp_path, db_location) -> Store:
+    """A store on each engine (tests/conftest.py ``db_location``: the SQLite file and a real PostgreSQL)."""
+    s = Store(tmp_path / "data", db_location)
     s.ensure_schema()
     return s
 
@@ -32,8 +34,8 @@ def put(store: Store, ds, calling_ae: str = "MODALITY", origin: str = "received"
 
 def test_schema_is_idempotent_and_has_the_query_columns(store):
     store.ensure_schema()
-    conn = sqlite3.connect(store.db_path)
-    cols = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in ("studies", "series", "instances")}
+    inspector = sqlalchemy.inspect(store.database.engine)
+    cols = {t: {c["name"] for c in inspector.get_columns(t)} for t in ("studies", "series", "instances")}
     assert {"patient_id", "patient_name", "patient_birth_date", "patient_sex", "study_date", "study_time",
             "accession_number", "study_description", "study_id", "referring_physician_name",
             "specific_character_set"} <= cols["studies"]
@@ -42,7 +44,7 @@ def test_schema_is_idempotent_and_has_the_query_columns(store):
             "state_changed", "origin"} <= cols["series"]
     assert {"sop_class_uid", "transfer_syntax_uid", "instance_number", "path", "size_bytes", "received_at",
             "calling_ae"} <= cols["instances"]
-    indexes = {r[1] for r in conn.execute("SELECT * FROM sqlite_master WHERE type = 'index'")}
+    indexes = {i["name"] for t in ("series", "instances") for i in inspector.get_indexes(t)}
     assert {"series_state", "instances_series"} <= indexes
 
 
@@ -66,7 +68,7 @@ def test_store_received_places_and_indexes(store):
     assert inst.calling_ae == "MODALITY" and inst.transfer_syntax_uid == "1.2.840.10008.1.2.1"
     assert (inst.rows, inst.columns) == (16, 16)
     # paths are stored relative to the root, so a data folder can be moved
-    raw = sqlite3.connect(store.db_path).execute("SELECT path FROM instances").fetchone()[0]
+    raw = store.database.execute("SELECT path FROM instances").fetchone()[0]
     assert not os.path.isabs(raw)
     assert list(store.tmp_dir.iterdir()) == []
 
@@ -103,7 +105,7 @@ def test_series_state_outside_its_life_cycle_is_refused(store):
     ds = make_image()
     put(store, ds)
     uid = ds.SeriesInstanceUID
-    with pytest.raises(StoreError, match="CHECK constraint"):
+    with pytest.raises(StoreError, match="(?i)check constraint"):
         store.set_series_state(uid, "failed", "not a series state")
 
 
@@ -282,9 +284,9 @@ def test_staged_series_is_invisible_until_published_in_one_transaction(store):
 
     def also(conn, stored):  # runs inside the transaction: the rows are there for it, not yet for others
         seen.append(conn.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0])
-        other = sqlite3.connect(store.db_path)
-        seen.append(other.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0])
-        other.close()
+        # another connection of the pool: another node process's view
+        seen.append(store.database.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?",
+                                           (series_uid,)).fetchone()[0])
 
     stored = store.publish(staged, also)
     assert seen == [5, 0]

@@ -157,7 +157,9 @@ class Database:
     def __init__(self, location: Path | str | URL, *, pool_size: int = 5) -> None:
         self.url = location if isinstance(location, URL) else database_url(location)
         self.dialect = self.url.get_backend_name()
-        kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT", "pool_pre_ping": self.dialect != "sqlite"}
+        # hide_parameters: an error's text never carries the values of a statement (patient names, IDs)
+        kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT", "pool_pre_ping": self.dialect != "sqlite",
+                                  "hide_parameters": True}
         if self.dialect == "sqlite":
             assert self.url.database
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +278,18 @@ def connect(location: Database | Path | str) -> Database:
 def transaction(conn: Database | Connection) -> contextlib.AbstractContextManager[Connection]:
     """A write transaction on ``conn``; on a :class:`Connection` already in one, that one."""
     return conn.transaction()
+
+
+def error_text(exc: BaseException) -> str:
+    """An error as the operator reads it: the driver's first line, never a row's values or the parameters.
+
+    PostgreSQL adds the failing row to a constraint error (``DETAIL: Failing
+    row contains (...)``), which for ``studies`` would be a patient's name;
+    logs and job errors get only the first line.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return f"{type(orig).__name__}: {text.splitlines()[0] if text else 'no message'}"
 
 
 def now() -> float:

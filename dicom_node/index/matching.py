@@ -126,7 +126,7 @@ _ATTRS: dict[str, _Attr] = {a.keyword: a for a in (
     _Attr("StudyDescription", "STUDY", "st.study_description", "text"),
     _Attr("ReferringPhysicianName", "STUDY", "st.referring_physician_name", "pn"),
     _Attr("ModalitiesInStudy", "STUDY",
-          "(SELECT GROUP_CONCAT(DISTINCT y.modality) FROM series y WHERE y.study_uid = st.study_uid)", "modalities"),
+          "(SELECT {modalities} FROM series y WHERE y.study_uid = st.study_uid)", "modalities"),
     _Attr("NumberOfStudyRelatedSeries", "STUDY",
           "(SELECT COUNT(*) FROM series y WHERE y.study_uid = st.study_uid)", "count"),
     _Attr("NumberOfStudyRelatedInstances", "STUDY",
@@ -149,6 +149,14 @@ _ATTRS: dict[str, _Attr] = {a.keyword: a for a in (
     _Attr("Columns", "IMAGE", "i.columns", "int"),
     _Attr("NumberOfFrames", "IMAGE", "i.number_of_frames", "int"),
 )}
+
+#: the study's modalities as one comma-separated value, per engine
+_MODALITIES = {"sqlite": "GROUP_CONCAT(DISTINCT y.modality)", "postgresql": "STRING_AGG(DISTINCT y.modality, ',')"}
+
+
+def _expr(attr: _Attr, p: str, dialect: str = "sqlite") -> str:
+    return attr.expr.format(p=p, modalities=_MODALITIES[dialect])
+
 
 _PATIENTS_CTE = (
     "WITH p AS (SELECT COALESCE(patient_id, '') AS patient_id, MAX(patient_name) AS patient_name,"
@@ -455,12 +463,12 @@ class FindQuery:
         for _, keyword, _vr in self.returned:
             attr = _ATTRS.get(keyword or "")
             if attr is not None and _DEPTH[attr.level] <= _DEPTH[self.level]:
-                cols[keyword] = attr.expr.format(p=p)
+                cols[keyword] = _expr(attr, p, dialect)
         cols["__charset"] = f"{p}.specific_character_set"
         where = _Where(dialect)
         for keyword, values in self.matching.items():
             attr = _ATTRS[keyword]
-            _condition(attr, attr.expr.format(p=p), values, where)
+            _condition(attr, _expr(attr, p, dialect), values, where)
         names = []
         for n, (expr, values) in enumerate(where.names):
             cols[f"__pn{n}"] = expr
@@ -563,8 +571,8 @@ def retrieve_items(conn: db.Database | db.Connection, identifier: Dataset, model
     wanted = _uid_list(identifier, UNIQUE_KEYS[level], level)
     where = _Where()
     for keyword, value in upper.items():
-        where.add(f"{_ATTRS[keyword].expr.format(p='st')} = ?", value)
-    expr = _ATTRS[UNIQUE_KEYS[level]].expr.format(p="st")
+        where.add(f"{_expr(_ATTRS[keyword], 'st')} = ?", value)
+    expr = _expr(_ATTRS[UNIQUE_KEYS[level]], "st")
     where.add(f"{expr} IN ({', '.join('?' * len(wanted))})", *wanted)
     sql = ("SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.path, i.series_uid, s.origin "
            + _FROM["IMAGE"][1] + where.sql()

@@ -280,7 +280,7 @@ class Store:
             os.chmod(self.tmp_dir, 0o700)  # partial instances: the node's user only
             self.database.migrate()
         except (db.Error, OSError) as exc:
-            raise StoreError(f"cannot prepare the store under {self.root} (database {self.db_path}): {exc}; "
+            raise StoreError(f"cannot prepare the store under {self.root} (database {self.db_path}): {db.error_text(exc)}; "
                              "check permissions, free space and that the database server is reachable") from exc
 
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -325,7 +325,7 @@ class Store:
                 return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
                                                _text(ds, "PatientID"))
         except db.Error as exc:
-            raise StoreError(f"index lookup failed: {exc}; check the database {self.db_path}") from exc
+            raise StoreError(f"index lookup failed: {db.error_text(exc)}; check the database {self.db_path}") from exc
 
         try:
             size = _fsync_file(tmp_path)  # the slow part, done before taking the write lock
@@ -355,7 +355,7 @@ class Store:
                     final.unlink()
                 except OSError:
                     pass
-            raise StoreError(f"storing instance {sop_uid} failed: {exc}; check free space and the database {self.db_path}") from exc
+            raise StoreError(f"storing instance {sop_uid} failed: {db.error_text(exc)}; check free space and the database {self.db_path}") from exc
         if duplicate:
             return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
                                                _text(ds, "PatientID"))
@@ -550,7 +550,7 @@ class Store:
                     also(tx, stored)
         except (db.Error, OSError) as exc:
             self.clean_staging(staged.folder.name)
-            raise StoreError(f"publishing {staged.folder.name} failed: {exc}; check free space and the database "
+            raise StoreError(f"publishing {staged.folder.name} failed: {db.error_text(exc)}; check free space and the database "
                              f"{self.db_path}") from exc
         except BaseException:
             self.clean_staging(staged.folder.name)
@@ -608,7 +608,7 @@ class Store:
         try:
             return self._conn().execute(sql, params).fetchall()
         except db.Error as exc:
-            raise StoreError(f"index query failed: {exc}; check the database {self.db_path}") from exc
+            raise StoreError(f"index query failed: {db.error_text(exc)}; check the database {self.db_path}") from exc
 
     @staticmethod
     def _series(row: db.Row) -> SeriesRecord:
@@ -679,7 +679,7 @@ class Store:
                 if not changed and not tx.execute("SELECT 1 FROM series WHERE series_uid = ?", (uid,)).fetchone():
                     raise KeyError(uid)
         except db.Error as exc:
-            raise StoreError(f"cannot update series state: {exc}; check the database {self.db_path}") from exc
+            raise StoreError(f"cannot update series state: {db.error_text(exc)}; check the database {self.db_path}") from exc
         if changed:  # the decision itself is logged once by whoever made it (pairing.*, settle)
             log.debug("store.series.state", extra=fields(series_uid=uid, state=state, reason=reason))
         return bool(changed)

@@ -353,7 +353,7 @@ class QueryRetrieveService:
             with self._index() as conn:
                 rows = query.rows(conn)
         except db.Error as exc:
-            log.error("qr.find.failed", extra=fields(**where, reason=f"index unreadable: {exc}",
+            log.error("qr.find.failed", extra=fields(**where, reason=f"index unreadable: {db.error_text(exc)}",
                                                      database=str(self.store.db_path)))
             yield _status(statuses.CANNOT_UNDERSTAND, "the node's index cannot be read; tell its operator"), None
             return
@@ -461,7 +461,7 @@ class QueryRetrieveService:
         except IdentifierError as exc:
             return [], _status(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc)), str(exc), level
         except db.Error as exc:
-            why = f"index unreadable: {exc} (database {self.store.db_path})"
+            why = f"index unreadable: {db.error_text(exc)} (database {self.store.db_path})"
             return [], _status(statuses.UNABLE_TO_CALCULATE_MATCHES,
                                "the node's index cannot be read; tell its operator"), why, level
 

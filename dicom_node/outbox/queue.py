@@ -548,7 +548,7 @@ class Outbox:
         with db.transaction(self._conn()) as conn:
             conn.execute("INSERT INTO outbox_destinations (destination, failing_since, last_error) VALUES (?, ?, ?)"
                          " ON CONFLICT (destination) DO UPDATE SET last_error = excluded.last_error,"
-                         " failing_since = COALESCE(failing_since, excluded.failing_since)", (dest, t, error))
+                         " failing_since = COALESCE(outbox_destinations.failing_since, excluded.failing_since)", (dest, t, error))
             row = conn.execute("SELECT failing_since, down_alerted FROM outbox_destinations WHERE destination=?",
                                (dest,)).fetchone()
             since = float(row["failing_since"])
