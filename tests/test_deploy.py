@@ -568,3 +568,62 @@ def test_docker_compose_accepts_the_file(tmp_path, compose_file):
                            "--profile", "monitoring", "config", "--quiet"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _loopback(command: list[str], scheduler: str, address: str) -> list[str]:
+    """A compose service's command line with the scheduler's compose address swapped for a loopback one."""
+    return [address if arg == scheduler else arg for arg in command]
+
+
+@pytest.mark.slow
+def test_scale_dask_command_lines_make_a_cluster(tmp_path):
+    """The scheduler's and workers' command lines of the compose file, run as they are by the installed
+    ``dask`` (only the address moved to loopback): the workers join with their names, one thread each,
+    the GPU worker with its resource, and a task runs."""
+    distributed = pytest.importorskip("distributed", reason="dask distributed is not installed (the dask extra)")
+    from dicom_helpers import free_port
+
+    dask_cli = Path(sys.executable).with_name("dask")
+    if not dask_cli.exists():
+        pytest.skip(f"no dask command beside {sys.executable} (the dask extra)")
+    services, scheduler_url = _scale()["services"], _node_toml(SCALE_CONFIG)["executor"]["scheduler"]
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    sched_cmd = [str(dask_cli), *services["scheduler"]["command"], "--host", "127.0.0.1"]
+    sched_cmd[sched_cmd.index("--port") + 1] = str(port)
+    procs = []
+    logs = []
+    try:
+        for name, cmd in [("scheduler", sched_cmd)] + [
+                (w, [str(dask_cli), *_loopback(services[w]["command"], scheduler_url, address),
+                     "--host", "127.0.0.1", "--local-directory", str(tmp_path / w)]) for w in WORKERS]:
+            log = open(tmp_path / f"{name}.log", "w")
+            logs.append(log)
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path))
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(len(WORKERS), timeout=120)
+            workers = client.scheduler_info(n_workers=-1)["workers"]  # {address: info}
+            by_name = {w["name"]: (addr, w) for addr, w in workers.items()}
+            assert set(by_name) == {"cpu-1", "cpu-2", "gpu-1"}
+            assert all(w["nthreads"] == 1 for w in workers.values())  # one job at a time per worker
+            assert by_name["gpu-1"][1]["resources"] == {"GPU": 1} and not by_name["cpu-1"][1]["resources"]
+            # a task pinned to the GPU resource lands on the GPU worker
+            task = client.submit(lambda: 6 * 7, resources={"GPU": 1}, pure=False)
+            assert task.result(timeout=60) == 42
+            assert client.who_has(task)[task.key] == (by_name["gpu-1"][0],)
+    except Exception:
+        for log in logs:
+            log.flush()
+        print("\n".join((tmp_path / f"{n}.log").read_text()[-1500:] for n in ("scheduler", *WORKERS)
+                        if (tmp_path / f"{n}.log").exists()))
+        raise
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for log in logs:
+            log.close()
