@@ -179,3 +179,38 @@ def test_a_restarted_node_takes_back_its_own_dead_sends_at_once(tmp_path, db_loc
     first.database.execute("UPDATE outbox SET claim_run = '999999999-dead'")  # no such process
     again = Outbox(db_location, settings, owner="host-a:root")  # the restart recovers on construction
     assert {i.state for i in again.list()} == {"pending"}
+
+
+def test_concurrent_receivers_index_every_instance_once(tmp_path, db_location):
+    """Six writers storing three series at once (two per series, duplicates included): counts exact.
+
+    On PostgreSQL instances of different series index in parallel (the write
+    lock shared, each series' own lock exclusive); within a series they wait.
+    """
+    import threading
+
+    store = Store(tmp_path / "data", db_location)
+    store.ensure_schema()
+    study = make_image().StudyInstanceUID
+    series = [make_image(study_uid=study).SeriesInstanceUID for _ in range(3)]
+    images = {s: [make_image(study_uid=study, series_uid=s, instance_number=i + 1) for i in range(12)] for s in series}
+    errors: list[BaseException] = []
+
+    def send(s: str, order: int) -> None:
+        try:
+            for ds in images[s][::order]:  # one sender forwards, the other backwards: both store every instance
+                store.store_received(write(ds, store.new_tmp_path()), "SCU")
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(s, o)) for s in series for o in (1, -1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for s in series:
+        record = store.get_series(s)
+        assert record is not None and record.instance_count == 12
+        assert len(store.instances(s)) == 12
+    assert store.counts().studies == 1 and store.counts().instances == 36

@@ -15,8 +15,14 @@ behave alike, and the tests run the same cases on both:
   (``pg_advisory_xact_lock``).  So a read-then-write transaction (claiming a
   job, claiming an outbox row, settling a series) can never interleave with
   another node process's write, on one host or many: no job or send is
-  claimed twice.  Readers never wait.  The price is that all writes of a
-  site queue on one lock; ``docs/scale-out.md`` measures what that allows.
+  claimed twice.  Readers never wait.
+- **Except where writes commute.**  Storing a received instance touches only
+  its series' rows (and upserts its study row, atomic by itself), so on
+  PostgreSQL it takes the write lock *shared* plus an exclusive lock of its
+  own series (:meth:`Database.transaction` with ``key``): receivers of
+  different series, on any number of hosts, index in parallel, while a
+  settle, pair or claim still excludes them all.  ``docs/scale-out.md``
+  measures both.
 - **Statements outside a transaction commit at once** (autocommit), as
   ``sqlite3`` did with ``isolation_level=None``.
 
@@ -48,6 +54,8 @@ IntegrityError = sqlalchemy.exc.IntegrityError
 
 #: the advisory lock every PostgreSQL write takes (any constant; "fusn")
 _WRITE_LOCK = 0x6675736E
+#: the first half of a keyed lock's two-part key ("fusk"): never equal to the write lock's (0)
+_KEY_SPACE = 0x6675736B
 _READS = ("SELECT", "WITH", "EXPLAIN", "SHOW", "VALUES")
 
 
@@ -198,14 +206,24 @@ class Database:
             return self._run(conn, sql, params)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A write transaction: the write lock for its whole length, commit at the end, rollback on error."""
+    def transaction(self, key: str | None = None) -> Iterator[Connection]:
+        """A write transaction: the write lock for its whole length, commit at the end, rollback on error.
+
+        ``key`` (PostgreSQL): the transaction writes only rows of this key (one
+        series) and commutes with other keys' such writes; it takes the write
+        lock shared and the key's own lock exclusively.  SQLite has one writer
+        whatever the key.
+        """
         with self.engine.connect() as raw:
             if self.dialect == "sqlite":
                 raw.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
+            elif key is None:
                 raw.exec_driver_sql("BEGIN")
                 raw.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_WRITE_LOCK})")
+            else:
+                raw.exec_driver_sql("BEGIN")
+                raw.exec_driver_sql(f"SELECT pg_advisory_xact_lock_shared({_WRITE_LOCK})")
+                raw.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_KEY_SPACE}, hashtext(%s))", (key,))
             try:
                 yield Connection(self, raw)
             except BaseException:

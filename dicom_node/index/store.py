@@ -336,7 +336,8 @@ class Store:
         now = db.now()
         placed = False
         try:
-            with db.transaction(self.database) as tx:
+            # the series' own lock: receivers of other series index at the same time (PostgreSQL)
+            with self.database.transaction(key=series_uid) as tx:
                 # Checked again under the lock: another association may have stored it meanwhile.
                 if tx.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
                     duplicate = True
