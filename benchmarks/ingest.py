@@ -1,0 +1,229 @@
+"""Ingest: the node's C-STORE rate against the machine's durable-write ceiling, measured side by side.
+
+    python benchmarks/ingest.py [--series ../shared/data/cirs057a/CT] [--repeat 3] [--associations 1 4]
+                                [--database sqlite|postgresql|both]
+
+In one run, on the file system of the node's store:
+
+- **ceiling**: what durability alone costs per instance - write the file's
+  bytes, fsync, rename into a folder, fsync the folder (the node's rule for
+  a C-STORE it answers Success) - as images/s for the same files;
+- **node, 1 association**: DCMTK ``storescu`` sends the series to a running
+  node (``fusion-node serve``; every instance validated, decoded under the
+  limits, written durably and indexed before Success); images/s from the
+  first to the last instance indexed;
+- **node, K associations**: K storescu processes at once, each sending its own
+  copy of the series (new UIDs), so K series arrive in parallel;
+- **storescp**: DCMTK's storescp on the same machine (no fsync), the network
+  and DICOM parsing alone.
+
+The ratio node/ceiling is the figure issue 15 asks for (≥ 0.9 on one
+association).  With ``--database postgresql`` the node indexes into a
+temporary PostgreSQL with fsync on (tests/postgres_server.py).  Appends a
+table to ``docs/ingest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from dicom_helpers import dcmtk, free_port
+
+from benchmarks.report import append_section
+from dicom_node.index import db
+from fusion.environment import child_environment
+
+
+def ceiling(files: list[Path], work: Path) -> float:
+    """images/s of write + fsync + rename + directory fsync for these files' bytes."""
+    tmp, final = work / "tmp", work / "final"
+    tmp.mkdir(parents=True, exist_ok=True)
+    final.mkdir(parents=True, exist_ok=True)
+    blobs = [p.read_bytes() for p in files]
+    t0 = time.perf_counter()
+    for i, data in enumerate(blobs):
+        part = tmp / f"{i}.part"
+        with open(part, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(part, final / f"{i}.dcm")
+        fd = os.open(final, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+def copies(series: Path, out: Path, n: int) -> list[Path]:
+    """``n`` copies of the series with new Series/SOP Instance UIDs (one study), so each counts as new."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folders = []
+    for k in range(n):
+        folder = out / f"copy{k}"
+        folder.mkdir(parents=True)
+        series_uid = generate_uid()
+        for p in sorted(series.iterdir()):
+            ds = pydicom.dcmread(p)
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(folder / p.name)
+        folders.append(folder)
+    return folders
+
+
+def _listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited at start")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def node_rate(work: Path, folders: list[Path], url: str = "") -> float:
+    """images/s of a node receiving ``folders`` over one association each, all at once."""
+    port = free_port()
+    root = work / f"node-{uuid.uuid4().hex[:6]}"
+    root.mkdir()
+    config = root / "node.toml"
+    config.write_text(f"""
+[node]
+ae_title = "FUSIONNODE"
+host = "127.0.0.1"
+port = {port}
+max_associations = 16
+[http]
+enabled = false
+[storage]
+root = "{root / 'data'}"
+database_url = "{url}"
+[settle]
+quiet_seconds = 3600
+""")
+    log = open(root / "node.log", "w")
+    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            env=child_environment(REPO), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _listening(port, node)
+        senders = [subprocess.Popen([dcmtk("storescu"), "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd",
+                                     "127.0.0.1", str(port), str(f)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE) for f in folders]
+        for s in senders:
+            _, err = s.communicate(timeout=900)
+            if s.returncode != 0:
+                raise RuntimeError(f"storescu failed: {err.decode()[-1000:]}")
+        database = db.Database(url or root / "data" / "node.sqlite")
+        row = database.execute("SELECT COUNT(*) AS n, MIN(received_at) AS t0, MAX(received_at) AS t1"
+                               " FROM instances").fetchone()
+        database.close()
+        expected = sum(len(list(f.iterdir())) for f in folders)
+        if row["n"] != expected:
+            raise RuntimeError(f"{row['n']} of {expected} instances indexed")
+        # n - 1 intervals between the first and the last instance indexed
+        return (row["n"] - 1) / (row["t1"] - row["t0"])
+    finally:
+        node.terminate()
+        try:
+            node.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        log.close()
+
+
+def storescp_rate(work: Path, folder: Path) -> float:
+    port = free_port()
+    out = work / f"scp-{uuid.uuid4().hex[:6]}"
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        _listening(port, scp)
+        n = len(list(folder.iterdir()))
+        t0 = time.perf_counter()
+        subprocess.run([dcmtk("storescu"), "+sd", "127.0.0.1", str(port), str(folder)], check=True,
+                       capture_output=True, timeout=600)
+        return n / (time.perf_counter() - t0)
+    finally:
+        scp.kill()
+        scp.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", type=Path, default=REPO.parent / "shared" / "data" / "cirs057a" / "CT")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="sqlite")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "ingest.md")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="fusion-ingest-"))
+    rows: list[str] = []
+    try:
+        folders = copies(args.series, work / "input", max(args.associations))
+        files = sorted(folders[0].iterdir())
+        engines = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
+        pg = None
+        if "postgresql" in engines:
+            from postgres_server import PostgresServer
+
+            pg = PostgresServer(durable=True).start()
+        try:
+            for _ in range(args.repeat):
+                c = ceiling(files, work / "ceiling")
+                shutil.rmtree(work / "ceiling")
+                line = {"ceiling": c, "storescp": storescp_rate(work, folders[0])}
+                for engine in engines:
+                    for k in args.associations:
+                        url = pg.create_database() if engine == "postgresql" and pg else ""
+                        line[f"{engine}-{k}"] = node_rate(work, folders[:k], url)
+                print({key: round(v, 1) for key, v in line.items()}, flush=True)
+                rows.append(line)
+        finally:
+            if pg is not None:
+                pg.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    keys = list(rows[0])
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
+    n = len(list(args.series.iterdir()))
+    table = [f"| what | images/s (median of {len(rows)}) | ratio to the ceiling |", "|---|---|---|"]
+    for k in keys:
+        engine, _, k_assoc = k.partition("-")
+        label = {"ceiling": "durable-write ceiling (write, fsync, rename, dir fsync)",
+                 "storescp": "DCMTK storescp, no fsync"}.get(k, f"node, {engine}, {k_assoc} association(s)")
+        table.append(f"| {label} | {med[k]:.1f} | {med[k] / med['ceiling']:.2f} |")
+    heading = (f"\n### Measured {time.strftime('%Y-%m-%d')}: {n} instances of {args.series.name} "
+               f"({sum(p.stat().st_size for p in args.series.iterdir()) / n / 1024:.0f} KiB each), "
+               f"{os.cpu_count()} cores\n\n")
+    command = (f"\n\n`python benchmarks/ingest.py --repeat {args.repeat} --associations "
+               f"{' '.join(map(str, args.associations))} --database {args.database}`\n")
+    append_section(args.out, "# Ingest: the node against the durable-write ceiling\n", heading + "\n".join(table) + command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
