@@ -43,15 +43,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from dask_cluster import DaskCluster
 from dicom_helpers import dcmtk, free_port
 from postgres_server import PostgresServer
+from test_dask_executor import DaskCluster
 
 from benchmarks.report import append_section
 from dicom_node.index import db
 from fusion.environment import child_environment
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+#: DCMTK leaves Nagle on unless told: ~40 ms per C-STORE on loopback otherwise (docs/ingest.md)
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def _config(folder: Path, *, port: int, pacs_port: int, quiet: float, url: str = "", scheduler: str = "",
@@ -111,7 +113,7 @@ def run_config(name: str, work: Path, pairs: list[tuple[Path, Path]], *, quiet: 
     pacs_port, port = free_port(), free_port()
     pacs_log = open(folder / "storescp.log", "wb")
     pacs = subprocess.Popen([dcmtk("storescp"), "-aet", "PACS", "-od", str(pacs_dir), "--unique-filenames",
-                             str(pacs_port)], stdout=pacs_log, stderr=subprocess.STDOUT)
+                             str(pacs_port)], stdout=pacs_log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
     cluster = None
     url = pg.create_database(name.replace("-", "_")) if pg else ""
     try:
@@ -131,7 +133,7 @@ def run_config(name: str, work: Path, pairs: list[tuple[Path, Path]], *, quiet: 
             for ct, mr in pairs:
                 for series in (ct, mr):
                     subprocess.run([dcmtk("storescu"), "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd", "127.0.0.1",
-                                    str(port), str(series)], check=True, capture_output=True, timeout=600)
+                                    str(port), str(series)], check=True, capture_output=True, timeout=600, env=DCMTK_ENV)
             sent_s = time.time() - t0
             deadline = time.monotonic() + 3600
             while time.monotonic() < deadline:

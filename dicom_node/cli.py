@@ -4,7 +4,8 @@
 ``status``, ``trigger``, ``jobs`` and ``outbox`` inspect and steer a node's
 database; ``fuse`` fuses two image files; ``evaluate`` scores a fused image
 (fusion-quality metrics, papers' or VIFB's convention); ``demo`` is the embedded default job;
-``models fetch|info`` provisions the VGG16 weights ahead of time.  Errors are
+``models fetch|info`` provisions the VGG16 weights ahead of time; ``worker``
+starts a Dask worker for ``[executor] kind = "dask"``.  Errors are
 printed as one line saying what to do; ``--debug`` shows the traceback.
 
 Listing and status commands print tables for a person and JSON with
@@ -297,6 +298,54 @@ def _size(n: int) -> str:
 
 def _states(counts: dict[str, int], order: Sequence[str]) -> str:
     return ", ".join(f"{k} {counts.get(k, 0)}" for k in order if counts.get(k, 0)) or "none"
+
+
+def worker_command(settings: NodeSettings, *, scheduler: str | None = None, name: str | None = None,
+                   resources: str | None = None, nanny: bool = False) -> list[str]:
+    """The ``dask worker`` command line of a fusion worker for this node's configuration.
+
+    One thread (one job at a time: a job already uses every core, or the
+    GPU), the fusion task module preloaded (a missing or broken install fails
+    at start, not at the first job), and no nanny by default: Dask's nanny
+    starts the worker with ``OMP_NUM_THREADS=1`` (its
+    ``distributed.nanny.pre-spawn-environ``), which leaves torch one core for
+    the VGG stage.  Let systemd or the container runtime restart a worker
+    that died instead.
+    """
+    address = scheduler or settings.executor.scheduler
+    if not address:
+        raise CliError("no Dask scheduler: set [executor] kind = \"dask\" and scheduler = \"tcp://HOST:8786\" "
+                       "in the node's configuration, or pass --scheduler")
+    cmd = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+           "--preload", "dicom_node.workflow.remote"]
+    if not nanny:
+        cmd.append("--no-nanny")
+    if name:
+        cmd += ["--name", name]
+    if resources:
+        cmd += ["--resources", resources]
+    return cmd
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Start a Dask worker for the node's jobs: checks the shared storage first, then becomes ``dask worker``."""
+    settings = _settings(args)
+    cmd = worker_command(settings, scheduler=args.scheduler, name=args.name, resources=args.resources,
+                         nanny=args.nanny)
+    root = Path(os.path.abspath(settings.storage.root))
+    if not (root / "instances").is_dir():
+        raise CliError(f"this machine does not see the node's storage at {root} (no instances/ folder there): "
+                       "mount [storage] root at the same path as on the node (a shared file system), then start "
+                       "the worker again", EXIT_RESOURCE)
+    try:
+        import distributed  # noqa: F401 - only whether it is installed
+    except ImportError:
+        raise CliError("Dask is not installed here: pip install 'dicom-fusion-node[dask]'", EXIT_RESOURCE) from None
+    if args.print:
+        print(" ".join(cmd))
+        return 0
+    os.execv(cmd[0], cmd)  # the worker's signals and exit status are dask's own from here
+
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -634,6 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
     ic.set_defaults(func=cmd_init_config)
 
     with_config(sub.add_parser("serve", help="run the node (SCP, pairing, jobs, outbox)")).set_defaults(func=cmd_serve)
+    w = with_config(sub.add_parser("worker", help="run a Dask worker for this node's jobs ([executor] kind = "
+                                                 "\"dask\"); the node's [storage] root must be mounted here"))
+    w.add_argument("--scheduler", help="the scheduler's address (default: [executor] scheduler)")
+    w.add_argument("--name", help="the worker's name at the scheduler (default: its address)")
+    w.add_argument("--resources", help="resources it offers, e.g. \"GPU=1\" (with [executor] resources = {GPU = 1})")
+    w.add_argument("--nanny", action="store_true",
+                   help="under a Dask nanny (restarts it; but limits torch to one thread unless Dask's "
+                        "distributed.nanny.pre-spawn-environ is changed)")
+    w.add_argument("--print", action="store_true", help="only print the dask worker command line")
+    w.set_defaults(func=cmd_worker)
     with_config(sub.add_parser("status", help="is the node running; counts of series, jobs and outgoing items "
                                               "(exit 4 when the node is not running)")).set_defaults(func=cmd_status)
     se = sub.add_parser("series", help="list the series the node holds: state, images, age, why (no patient data)")

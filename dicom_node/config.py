@@ -599,6 +599,43 @@ class Notification(_Model):
         return self
 
 
+class ExecutorConfig(_Model):
+    """Where a fusion job's stages run (dicom_node/workflow/runners.py): in the node's process or on Dask workers.
+
+    The node claims, stores and sends as always; only ``run_pipeline`` moves.
+    With ``kind = "dask"`` every worker must see ``[storage] root`` at the same
+    absolute path (a shared file system): the job's files are read there and
+    the QC pictures and fused checkpoints written there.
+    """
+
+    #: "local" = in this process (``workers`` threads; the default); "dask" = on the workers of a Dask scheduler
+    kind: Literal["local", "dask"] = "local"
+    #: the Dask scheduler's address, e.g. "tcp://10.0.0.5:8786" (``dask scheduler`` prints it); kind = "dask" only
+    scheduler: str = ""
+    #: seconds to reach the scheduler; a job that cannot be submitted in this time goes back to the queue
+    connect_timeout_s: float = Field(30.0, gt=0)
+    #: Dask worker resources one job holds, e.g. {GPU = 1} for workers started with ``--resources GPU=1``;
+    #: empty = any worker (start workers with ``--nthreads 1``: one job per worker at a time)
+    resources: dict[str, float] = {}
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        v = v.strip()
+        if v and not re.fullmatch(r"(tcp|tls)://[^\s/]+:\d+|[^\s/:]+:\d+", v):
+            raise ValueError(f"{v!r} is not a Dask scheduler address; write e.g. \"tcp://10.0.0.5:8786\" "
+                             "(the address `dask scheduler` prints at start-up)")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> ExecutorConfig:
+        if self.kind == "dask" and not self.scheduler:
+            raise ValueError("kind = \"dask\" needs scheduler, the Dask scheduler's address, e.g. "
+                             "scheduler = \"tcp://10.0.0.5:8786\" (start one with `dask scheduler`), "
+                             "or kind = \"local\" to fuse in this process")
+        return self
+
+
 class NodeSettings(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
@@ -616,8 +653,10 @@ class NodeSettings(_Model):
     http: HttpConfig = HttpConfig()
     #: who hears of failed jobs, dead letters, doubtful registrations and destinations down
     notifications: list[Notification] = []
-    #: parallel fusion jobs (each uses the GPU or all cores)
+    #: parallel fusion jobs (each uses the GPU or all cores); with [executor] kind = "dask", jobs in flight
     workers: int = Field(1, ge=1)
+    #: where the jobs' stages run: this process (default) or Dask workers
+    executor: ExecutorConfig = ExecutorConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("uid_root")
@@ -774,8 +813,22 @@ EXAMPLE_TOML = """\
 uid_root = "1.2.826.0.1.3680043.8.498."
 # Fusion jobs run at once; each one uses the GPU if there is one, else all cores.
 workers = 1
-# auto = GPU when CuPy sees one, else CPU
+# auto = GPU when CuPy sees one, else CPU (with [executor] kind = "dask": each worker's own
+# FUSION_DEVICE, else its GPU if it has one)
 device = "auto"
+
+# Where fusion jobs run. "local" (the default): in this process, `workers` jobs at once.
+# "dask": on the workers of a Dask scheduler (pip install '.[dask]'); the node still
+# receives, stores and sends, and `workers` is then the number of jobs in flight.
+# Every Dask worker must see [storage] root at the same absolute path (shared storage);
+# start each with `fusion-node worker --config node.toml` (docs/scale-out.md).
+[executor]
+kind = "local"
+scheduler = ""                 # e.g. "tcp://10.0.0.5:8786"; required with kind = "dask"
+# Seconds to reach the scheduler; a job not submitted in time goes back to the queue.
+connect_timeout_s = 30
+# Worker resources one job holds, e.g. {GPU = 1} for workers started with --resources GPU=1.
+resources = {}
 
 [node]
 ae_title = "FUSIONNODE"

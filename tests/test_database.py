@@ -108,9 +108,13 @@ def test_store_index_and_find_on_both_engines(tmp_path, db_location):
 
 
 _CLAIMER = """
-import json, sys
+import json, os, sys, time
 from dicom_node.workflow.jobs import JobQueue
 q = JobQueue(sys.argv[1], owner=sys.argv[2])
+q.counts()  # connected and ready: then all start together
+print("ready", flush=True)
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.005)
 got = []
 while (job := q.claim()) is not None:
     got.append(job.id)
@@ -119,14 +123,18 @@ print(json.dumps(got))
 """
 
 
-def test_no_job_is_claimed_twice_by_racing_node_processes(db_location):
+def test_no_job_is_claimed_twice_by_racing_node_processes(db_location, tmp_path):
     """Three processes claim from one queue at once: every job is claimed exactly once."""
     queue = JobQueue(db_location, owner="seed")
     queue.ensure_schema()
     ids = {queue.enqueue(f"key-{i}", "p", f"b{i}", f"o{i}")[0] for i in range(60)}
     env = child_environment(REPO)
-    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, str(db_location), f"node-{n}"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, str(db_location), f"node-{n}", str(go)], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    go.touch()
     claimed = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -214,3 +222,25 @@ def test_concurrent_receivers_index_every_instance_once(tmp_path, db_location):
         assert record is not None and record.instance_count == 12
         assert len(store.instances(s)) == 12
     assert store.counts().studies == 1 and store.counts().instances == 36
+
+
+def test_threads_migrating_different_databases_at_once(tmp_path, postgres_server):
+    """Alembic's proxies are process-wide: two nodes in one process (tests, tools) migrate one after the other."""
+    import threading
+
+    locations = [tmp_path / f"n{i}.sqlite" for i in range(3)] + [postgres_server.create_database() for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def migrate(location) -> None:
+        try:
+            db.Database(location).migrate()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate, args=(loc,)) for loc in locations]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert all(migrations.current(db.Database(loc)) == migrations.head() for loc in locations)

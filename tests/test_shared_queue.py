@@ -2,8 +2,12 @@
 
 The CT goes to node A and the MR to node B (two receivers); the pair meets in
 the shared index and makes one job.  The node that claims it is killed with
-SIGKILL in the middle of the job; the other takes the job over when the lease
-runs out, resumes it and delivers.  Asserted: no received instance lost,
+SIGKILL in the middle of the job; the other takes the job over (its lease is
+dead: run out, or at once here, where both nodes share a host and the dead
+run's pid is gone), resumes it and delivers.  Once with the jobs in the
+nodes' own threads, once on a Dask scheduler with two workers (the task the
+dead node submitted is dropped with its client; the survivor submits it
+again under the same key).  Asserted: no received instance lost,
 exactly one fused series (one set of UIDs) and one REG object at the PACS
 (Orthanc), the job done once with one interruption.
 """
@@ -32,8 +36,10 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 REG_CLASS = "1.2.840.10008.5.1.4.1.1.66.1"
 
 
-def _config(folder: Path, *, instance: str, port: int, root: Path, url: str, pacs_port: int) -> Path:
+def _config(folder: Path, *, instance: str, port: int, root: Path, url: str, pacs_port: int,
+            scheduler: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    executor = f'[executor]\nkind = "dask"\nscheduler = "{scheduler}"' if scheduler else ""
     path = folder / f"node-{instance}.toml"
     path.write_text(f"""
 device = "cpu"
@@ -50,6 +56,7 @@ instance = "{instance}"
 [settle]
 quiet_seconds = 2
 sweep_interval_s = 0.3
+{executor}
 [outbox]
 backoff_initial_s = 0.5
 backoff_max_s = 1
@@ -100,7 +107,8 @@ def _wait(predicate, timeout: float, what: str) -> float:
 
 
 @pytest.mark.slow
-def test_two_nodes_share_one_queue_and_survive_the_death_of_the_one_fusing(tmp_path, postgres_server):
+@pytest.mark.parametrize("executor", ["local", "dask"])
+def test_two_nodes_share_one_queue_and_survive_the_death_of_the_one_fusing(tmp_path, postgres_server, executor):
     from fusion_demo.samples import write_synthetic_pair
 
     ct, mr = write_synthetic_pair(tmp_path / "pair")
@@ -111,8 +119,15 @@ def test_two_nodes_share_one_queue_and_survive_the_death_of_the_one_fusing(tmp_p
     database = db.Database(url)
     pacs = OrthancServer(tmp_path / "orthanc")
     root = tmp_path / "shared-store"
+    cluster = None
+    if executor == "dask":
+        pytest.importorskip("distributed", reason="the Dask executor needs the [dask] extra")
+        from test_dask_executor import DaskCluster
+
+        cluster = DaskCluster(tmp_path / "dask", workers=2)
     ports = {"a": free_port(), "b": free_port()}
-    procs = {name: _start(_config(tmp_path, instance=name, port=port, root=root, url=url, pacs_port=pacs.dicom_port),
+    procs = {name: _start(_config(tmp_path, instance=name, port=port, root=root, url=url, pacs_port=pacs.dicom_port,
+                                  scheduler=cluster.address if cluster else ""),
                           port, tmp_path / f"node-{name}.log") for name, port in ports.items()}
     try:
         _send(ports["a"], ct)   # two receivers: the CT through A ...
@@ -120,7 +135,7 @@ def test_two_nodes_share_one_queue_and_survive_the_death_of_the_one_fusing(tmp_p
 
         def running() -> dict | None:
             row = database.execute("SELECT * FROM jobs WHERE state = 'running' AND stage IN"
-                                   " ('register', 'prepare', 'fuse')").fetchone()
+                                   " ('register', 'prepare', 'fuse', 'remote')").fetchone()
             return dict(row) if row else None
 
         _wait(lambda: running() is not None, 240, "a node to start the job")
@@ -152,6 +167,8 @@ def test_two_nodes_share_one_queue_and_survive_the_death_of_the_one_fusing(tmp_p
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if cluster is not None:
+            cluster.close()
     try:
         stored = {r[0] for r in database.execute("SELECT sop_instance_uid FROM instances")}
         assert received <= stored, f"{len(received - stored)} received instances lost"
@@ -171,7 +188,9 @@ def test_two_nodes_share_one_queue_and_survive_the_death_of_the_one_fusing(tmp_p
         assert result["sc_series_uid"] in series
         sent = database.execute("SELECT COUNT(*) FROM outbox WHERE state = 'sent'").fetchone()[0]
         assert sent == n_base + 1, "each derived instance queued and sent once"
-        print("SHARED-QUEUE-FIGURES", json.dumps({"victim": victim, "survivor": survivor,
+        if executor == "dask":
+            assert result["executor"]["kind"] == "dask", result.get("executor")
+        print("SHARED-QUEUE-FIGURES", json.dumps({"executor": executor, "victim": victim, "survivor": survivor,
                                                   "takeover_to_delivered_s": round(takeover_s, 1),
                                                   "resumed": result.get("resumed", [])}))
     finally:

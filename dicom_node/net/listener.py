@@ -34,7 +34,7 @@ from dicom_node.index.store import Store
 from dicom_node.logs import fields
 from dicom_node.net import statuses, tls
 from dicom_node.net.access import REJECT_INTERNAL_ERROR, AccessPolicy, Decision
-from dicom_node.net.association import Verification, called_ae, is_tls, open_associations
+from dicom_node.net.association import Verification, called_ae, is_tls, no_delay, open_associations
 from dicom_node.net.server import NodeAssociationServer
 
 log = logging.getLogger("dicom_node.net.listener")
@@ -258,6 +258,9 @@ class Listener:
         assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
+        # our responses are small PDUs written apart: Nagle must never hold one for the peer's
+        # delayed ACK (~40 ms per C-STORE; the node's SCU side does the same, net/scu.py)
+        no_delay(event.assoc)
         events.emit("scp.association", outcome="accepted")
         log.info("scp.association.accepted", extra=fields(calling_ae=event.assoc.requestor.ae_title,
                                                           called_ae=called_ae(event.assoc),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +42,48 @@ class Checkpoints:
     """The checkpoints of one job run; every save happens only while this run holds the job's lease."""
 
     def __init__(self, queue: JobQueue, job: Job, root: Path, seed: str):
-        self._queue, self._job, self._seed = queue, job, seed
+        self._job_id, self._version, self._seed = job.id, job.version, seed
+        self._save_doc: Callable[[dict[str, Any]], None] = lambda doc: queue.save_checkpoint(job.id, doc)
         self._doc: dict[str, Any] = dict(job.checkpoint or {})
         self._fused_path = folder(root) / f"job-{job.id}-v{job.version}.npz"
+
+    @classmethod
+    def detached(cls, doc: dict[str, Any] | None, job_id: int, version: int, root: Path, seed: str,
+                 save_doc: Callable[[dict[str, Any]], None]) -> Checkpoints:
+        """The checkpoints of a run away from the job table (a Dask worker, ``workflow/remote.py``).
+
+        The registration comes in ``doc`` (the job row's ``checkpoint``, as the
+        node read it) and a newly saved one goes to ``save_doc`` (the node
+        writes it, under its lease); the fused file lives under ``root`` as
+        always, which the worker sees at the node's path.
+        """
+        self = cls.__new__(cls)
+        self._job_id, self._version, self._seed, self._save_doc = job_id, version, seed, save_doc
+        self._doc = dict(doc or {})
+        self._fused_path = folder(root) / f"job-{job_id}-v{version}.npz"
+        return self
+
+    @property
+    def document(self) -> dict[str, Any]:
+        """What the job row's ``checkpoint`` column holds for this run (JSON-able)."""
+        return dict(self._doc)
+
+    def store_document(self, doc: dict[str, Any]) -> None:
+        """Keep ``doc`` (a detached run's saved checkpoint) as this run's, in the job row."""
+        self._doc = dict(doc)
+        self._save_doc(self._doc)
 
     def registration(self) -> tuple[Registration, float] | None:
         """The saved registration and the seconds it took, or None."""
         doc = self._doc.get("registration")
-        if not doc or self._doc.get("version") != self._job.version or self._doc.get("seed") != self._seed:
+        if not doc or self._doc.get("version") != self._version or self._doc.get("seed") != self._seed:
             return None
         return Registration.from_json(doc), float(self._doc.get("register_s") or 0.0)
 
     def save_registration(self, registration: Registration, seconds: float) -> None:
-        self._doc.update(version=self._job.version, seed=self._seed, registration=registration.to_json(), register_s=round(seconds, 3))
-        self._queue.save_checkpoint(self._job.id, self._doc)
-        log.info("job.checkpoint.saved", extra=logs.fields(job_id=self._job.id, stage="register"))
+        self._doc.update(version=self._version, seed=self._seed, registration=registration.to_json(), register_s=round(seconds, 3))
+        self._save_doc(self._doc)
+        log.info("job.checkpoint.saved", extra=logs.fields(job_id=self._job_id, stage="register"))
 
     def fused(self) -> FusedStack | None:
         if not self._fused_path.exists():
@@ -67,7 +95,7 @@ class Checkpoints:
                 return FusedStack(np.asarray(z["pixels"]), str(z["method"]), tuple(str(t) for t in z["trio"]),
                                   str(z["feature_source"]), str(z["device"]))
         except (OSError, ValueError, KeyError) as exc:  # a torn file: fuse again
-            log.warning("job.checkpoint.unreadable", extra=logs.fields(job_id=self._job.id, reason=str(exc)))
+            log.warning("job.checkpoint.unreadable", extra=logs.fields(job_id=self._job_id, reason=str(exc)))
             return None
 
     def save_fused(self, fused: FusedStack) -> None:
@@ -80,7 +108,7 @@ class Checkpoints:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        log.info("job.checkpoint.saved", extra=logs.fields(job_id=self._job.id, stage="fuse"))
+        log.info("job.checkpoint.saved", extra=logs.fields(job_id=self._job_id, stage="fuse"))
 
     def discard_files(self) -> None:
         self._fused_path.unlink(missing_ok=True)

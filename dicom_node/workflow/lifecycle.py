@@ -4,7 +4,7 @@ A reload reads the TOML file again and validates it exactly as at start-up.
 A file that does not load is logged (``config.reload.failed``, with the
 operator message) and the running configuration is kept: a typo made while
 the node runs must never stop it.  Keys in :data:`RESTART_KEYS` (sockets,
-folders, thread counts) keep their running values and are logged as
+folders, thread counts, the executor) keep their running values and are logged as
 ``config.reload.restart_needed``; everything else (destinations, pipelines,
 access lists, association limit, settle, outbox and retention policy, C-MOVE
 destinations, UID root) takes effect for the next association, sweep, job or send.
@@ -25,7 +25,7 @@ log = logging.getLogger("dicom_node.workflow.lifecycle")
 #: dotted keys a running node cannot change (bound sockets, open folders and database, started threads)
 RESTART_KEYS: tuple[str, ...] = (
     "node.ae_title", "node.host", "node.port", "node.plain_enabled", "node.network_timeout_s", "node.tls",
-    "node.artim_timeout_s", "storage", "workers", "device", "query_retrieve.enabled", "limits",
+    "node.artim_timeout_s", "storage", "workers", "device", "executor", "query_retrieve.enabled", "limits",
     "logging.format", "logging.file", "logging.file_max_bytes", "logging.file_backup_count", "http", "notifications",
 )
 
@@ -73,7 +73,7 @@ def merge_live(old: NodeSettings, new: NodeSettings) -> Reload:
     qr = new.query_retrieve.model_copy(update={"enabled": old.query_retrieve.enabled})
     log_keep = {k: getattr(old.logging, k) for k in ("format", "file", "file_max_bytes", "file_backup_count")}
     merged = new.model_copy(update={"node": new.node.model_copy(update=node_keep), "storage": old.storage,
-                                    "workers": old.workers, "device": old.device, "query_retrieve": qr,
+                                    "workers": old.workers, "device": old.device, "executor": old.executor, "query_retrieve": qr,
                                     "limits": old.limits, "http": old.http, "notifications": old.notifications, "logging": new.logging.model_copy(update=log_keep)})
     return Reload(merged, [k for k in changed if k not in restart], restart)
 

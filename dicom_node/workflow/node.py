@@ -2,8 +2,9 @@
 
 Parts (each with one responsibility): the listener receives instances into the
 store; the settle/pair sweep turns complete series into jobs; the executor
-runs jobs (``pipeline.run_pipeline``) and the node stores and queues what a
-job produced; the outbox sends it.  The parts talk only through the database
+runs jobs (``pipeline.run_pipeline``, in this process or on Dask workers:
+``runners.py``) and the node stores and queues what a job produced; the
+outbox sends it.  The parts talk only through the database
 file, so any of them can be restarted without losing work.
 """
 
@@ -27,8 +28,9 @@ from dicom_node.workflow.heartbeat import Heartbeat, heartbeat_path
 from dicom_node.workflow.jobs import Executor, Job, JobQueue, node_identity, output_seed
 from dicom_node.workflow.lifecycle import Reload, reload_settings
 from dicom_node.workflow.pairing import Pairing
-from dicom_node.workflow.pipeline import JobInputs, JobOutputs, pipeline_named, run_pipeline
+from dicom_node.workflow.pipeline import JobInputs, JobOutputs, pipeline_named
 from dicom_node.workflow.retention import Retention
+from dicom_node.workflow.runners import runner_for
 from dicom_node.workflow.settle import Settler
 
 log = logging.getLogger("dicom_node.workflow.node")
@@ -48,8 +50,8 @@ class Node:
                              owner=owner)
         self.settler = Settler(settings, self.store)
         self.pairing = Pairing(settings, self.store, self.jobs)
-        #: VGG16 models per device, loaded once and shared by the jobs
-        self._models: dict[str, Any] = {}
+        #: where the jobs' stages run: this process, or Dask workers ([executor])
+        self.runner = runner_for(settings, self.store.root)
         self.executor = Executor(self.jobs, self._run_job, workers=settings.workers)
         self.retention = Retention(settings, self.store)
         self._listener: Listener | None = None
@@ -69,9 +71,8 @@ class Node:
                            [i.path for i in self.store.instances(job.overlay_series_uid)], version=job.version,
                            uid_seed=seed, series_offset=offset)
         checkpoints = Checkpoints(self.jobs, job, self.store.root, seed)
-        outputs = run_pipeline(inputs, self.settings, self.store.root / "qc", self._models, checkpoints,
-                               cancel=self.executor.cancel,
-                               report=lambda stage, done, total: self._progress(job.id, stage, done, total))
+        outputs = self.runner.run(job, inputs, self.settings, checkpoints, cancel=self.executor.cancel,
+                                  report=lambda stage, done, total: self._progress(job.id, stage, done, total))
         self._progress(job.id, "store")
         result = self.deliver(job, outputs)
         checkpoints.discard_files()
@@ -222,6 +223,7 @@ class Node:
             if thread is not None:
                 thread.join(max(0.1, min(2.0, deadline - time.monotonic() - 1.0)))
         released = self.executor.stop(max(0.1, deadline - time.monotonic() - 0.7))
+        self.runner.close()
         self.outbox.stop(max(0.2, deadline - time.monotonic()))
         if self._heartbeat is not None:
             self._heartbeat.stop()  # marked stopped cleanly: `fusion-node status` tells this from a crash

@@ -8,6 +8,7 @@ first revision: it adds what such a file lacks and creates nothing twice.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,10 @@ if TYPE_CHECKING:
     from dicom_node.index.db import Database
 
 HERE = Path(__file__).resolve().parent
+#: Alembic runs a migration through module-level proxies (``alembic.op``, ``alembic.context``), so two
+#: threads of one process must not migrate at once, even two different databases: the one process-wide
+#: lock of the node, for the one library that needs it
+_ALEMBIC = threading.Lock()
 
 
 def config():
@@ -49,7 +54,7 @@ def upgrade(database: Database, revision: str = "head") -> None:
 
     if revision == "head" and current(database) == head():
         return
-    with database.transaction() as conn:
+    with _ALEMBIC, database.transaction() as conn:
         cfg = config()
         cfg.attributes["connection"] = conn._conn
         command.upgrade(cfg, revision)
