@@ -51,10 +51,10 @@ import sqlalchemy
 from dicom_helpers import dcmtk, free_port
 
 from benchmarks.report import append_section
-from fusion.environment import child_environment
+from fusion.environment import child_environment, dcmtk_environment
 
 #: the DCMTK tools' environment: Nagle off (see the module docstring)
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DCMTK_ENV = dcmtk_environment()
 
 
 def ceiling(files: list[Path], work: Path) -> float:

@@ -49,11 +49,11 @@ from test_dask_executor import DaskCluster
 
 from benchmarks.report import append_section
 from dicom_node.index import db
-from fusion.environment import child_environment
+from fusion.environment import child_environment, dcmtk_environment
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 #: DCMTK leaves Nagle on unless told: ~40 ms per C-STORE on loopback otherwise (docs/ingest.md)
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DCMTK_ENV = dcmtk_environment()
 
 
 def _config(folder: Path, *, port: int, pacs_port: int, quiet: float, url: str = "", scheduler: str = "",

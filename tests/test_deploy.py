@@ -417,10 +417,11 @@ def test_scale_config_is_the_single_node_config_plus_the_scale_keys():
     command = services[sched.hostname]["command"]
     assert services[sched.hostname]["entrypoint"] == ["dask"] and command[0] == "scheduler"
     assert command[command.index("--port") + 1] == str(sched.port)
-    for name in WORKERS:  # every worker reports to the scheduler the nodes submit to, one task at a time
-        worker = services[name]
-        assert worker["entrypoint"] == ["dask"]
-        assert worker["command"][:4] == ["worker", raw["executor"]["scheduler"], "--nthreads", "1"], name
+    for name in WORKERS:  # every worker is `fusion-node worker` on this same configuration (the scheduler
+        worker = services[name]  # the nodes submit to, one task at a time: cli.worker_command)
+        assert "entrypoint" not in worker, name  # the image's: fusion-node
+        assert worker["command"][:3] == ["worker", "--config", "/etc/fusion-node/node.toml"], name
+        assert _mounts(worker)["/etc/fusion-node/node.toml"] == f"./{SCALE_CONFIG}", name
     assert raw["workers"] * len(NODES) >= len(WORKERS)  # the nodes keep every worker busy
 
 
@@ -570,43 +571,59 @@ def test_docker_compose_accepts_the_file(tmp_path, compose_file):
     assert done.returncode == 0, done.stderr
 
 
-def _loopback(command: list[str], scheduler: str, address: str) -> list[str]:
-    """A compose service's command line with the scheduler's compose address swapped for a loopback one."""
-    return [address if arg == scheduler else arg for arg in command]
-
-
 @pytest.mark.slow
 def test_scale_dask_command_lines_make_a_cluster(tmp_path):
     """The scheduler's and workers' command lines of the compose file, run as they are by the installed
-    ``dask`` (only the address moved to loopback): the workers join with their names, one thread each,
-    the GPU worker with its resource, and a task runs."""
+    ``dask`` and ``fusion-node`` (only the scheduler's address and the store moved to loopback and tmp):
+    the workers join with their names, one thread each, the GPU worker with its resource, the fusion
+    task module preloaded, and a task runs."""
     distributed = pytest.importorskip("distributed", reason="dask distributed is not installed (the dask extra)")
     from dicom_helpers import free_port
 
-    dask_cli = Path(sys.executable).with_name("dask")
-    if not dask_cli.exists():
-        pytest.skip(f"no dask command beside {sys.executable} (the dask extra)")
-    services, scheduler_url = _scale()["services"], _node_toml(SCALE_CONFIG)["executor"]["scheduler"]
+    bin_dir = Path(sys.executable).parent
+    dask_cli, node_cli = bin_dir / "dask", bin_dir / "fusion-node"
+    if not dask_cli.exists() or not node_cli.exists():
+        pytest.skip(f"no dask or fusion-node command beside {sys.executable} (the dask extra)")
+    services = _scale()["services"]
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
+    # the compose configuration with the scheduler on loopback and the store in tmp (with the
+    # instances/ folder a node makes, which `fusion-node worker` checks for)
+    raw, token = _node_toml(SCALE_CONFIG), tmp_path / "http-token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    token.chmod(0o600)
+    text = (DEPLOY / SCALE_CONFIG).read_text()
+    for key, value in [("root", raw["storage"]["root"]), ("scheduler", raw["executor"]["scheduler"]),
+                       ("token_file", raw["http"]["token_file"])]:
+        assert text.count(f'{key} = "{value}"') == 1, key
+    text = (text.replace(f'root = "{raw["storage"]["root"]}"', f'root = "{tmp_path / "store"}"')
+            .replace(f'scheduler = "{raw["executor"]["scheduler"]}"', f'scheduler = "{address}"')
+            .replace(f'token_file = "{raw["http"]["token_file"]}"', f'token_file = "{token}"'))
+    (tmp_path / "store" / "instances").mkdir(parents=True)
+    config = tmp_path / "node.toml"
+    config.write_text(text)
     sched_cmd = [str(dask_cli), *services["scheduler"]["command"], "--host", "127.0.0.1"]
     sched_cmd[sched_cmd.index("--port") + 1] = str(port)
     procs = []
     logs = []
     try:
         for name, cmd in [("scheduler", sched_cmd)] + [
-                (w, [str(dask_cli), *_loopback(services[w]["command"], scheduler_url, address),
-                     "--host", "127.0.0.1", "--local-directory", str(tmp_path / w)]) for w in WORKERS]:
+                (w, [str(node_cli), *[str(config) if a == "/etc/fusion-node/node.toml" else a
+                                      for a in services[w]["command"]]]) for w in WORKERS]:
             log = open(tmp_path / f"{name}.log", "w")
             logs.append(log)
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path))
+            (tmp_path / name).mkdir()
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path / name))
         with distributed.Client(address, timeout=60) as client:
-            client.wait_for_workers(len(WORKERS), timeout=120)
+            client.wait_for_workers(len(WORKERS), timeout=180)
             workers = client.scheduler_info(n_workers=-1)["workers"]  # {address: info}
             by_name = {w["name"]: (addr, w) for addr, w in workers.items()}
             assert set(by_name) == {"cpu-1", "cpu-2", "gpu-1"}
             assert all(w["nthreads"] == 1 for w in workers.values())  # one job at a time per worker
             assert by_name["gpu-1"][1]["resources"] == {"GPU": 1} and not by_name["cpu-1"][1]["resources"]
+            # the fusion task module is loaded in every worker (the preload), with torch's threads intact
+            loaded = client.run(lambda: "dicom_node.workflow.remote" in sys.modules)
+            assert set(loaded.values()) == {True}, loaded
             # a task pinned to the GPU resource lands on the GPU worker
             task = client.submit(lambda: 6 * 7, resources={"GPU": 1}, pure=False)
             assert task.result(timeout=60) == 42
