@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import sqlalchemy
-from dicom_helpers import dcmtk, free_port
+from dicom_helpers import dcmtk, free_port, wait_listening
 
 from benchmarks.report import append_section
 from fusion.environment import child_environment, dcmtk_environment
@@ -99,19 +98,6 @@ def copies(series: Path, out: Path, n: int) -> list[Path]:
     return folders
 
 
-def _listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited at start")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {port}")
-
-
 def node_rate(work: Path, folders: list[Path], url: str = "") -> float:
     """images/s of a node receiving ``folders`` over one association each, all at once."""
     port = free_port()
@@ -136,7 +122,7 @@ quiet_seconds = 3600
     node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
                             env=child_environment(REPO), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _listening(port, node)
+        wait_listening(port, node)
         senders = [subprocess.Popen([dcmtk("storescu"), "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd",
                                      "127.0.0.1", str(port), str(f)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, env=DCMTK_ENV) for f in folders]
@@ -171,7 +157,7 @@ def storescp_rate(work: Path, folder: Path) -> float:
     scp = subprocess.Popen([dcmtk("storescp"), "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=DCMTK_ENV)
     try:
-        _listening(port, scp)
+        wait_listening(port, scp)
         n = len(list(folder.iterdir()))
         t0 = time.perf_counter()
         subprocess.run([dcmtk("storescu"), "+sd", "127.0.0.1", str(port), str(folder)], check=True,

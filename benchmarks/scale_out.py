@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,13 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from dicom_helpers import dcmtk, free_port
+from dask_cluster import DaskCluster
+from dicom_helpers import dcmtk, free_port, storescu, wait_listening
 from postgres_server import PostgresServer
-from test_dask_executor import DaskCluster
+from serve_process import pacs_pipeline_toml, start_serve
 
 from benchmarks.report import append_section
 from dicom_node.index import db
-from fusion.environment import child_environment, dcmtk_environment
+from fusion.environment import dcmtk_environment
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 #: DCMTK leaves Nagle on unless told: ~40 ms per C-STORE on loopback otherwise (docs/ingest.md)
@@ -58,50 +58,12 @@ DCMTK_ENV = dcmtk_environment()
 
 def _config(folder: Path, *, port: int, pacs_port: int, quiet: float, url: str = "", scheduler: str = "",
             workers: int = 1) -> Path:
-    executor = f'[executor]\nkind = "dask"\nscheduler = "{scheduler}"\n' if scheduler else ""
     path = folder / "node.toml"
-    path.write_text(f"""
-device = "cpu"
-workers = {workers}
-[node]
-ae_title = "FUSIONNODE"
-host = "127.0.0.1"
-port = {port}
-[http]
-port = 0
-[storage]
-root = "{folder / 'data'}"
-database_url = "{url}"
-[settle]
-quiet_seconds = {quiet}
-sweep_interval_s = 0.2
-{executor}
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[[pipelines]]
-name = "ct-mr"
-match = "study"
-destinations = ["pacs"]
-base = {{ modality = ["CT"], min_instances = 10 }}
-overlay = {{ modality = ["MR"], min_instances = 10 }}
-""")
+    path.write_text(pacs_pipeline_toml(
+        port=port, root=folder / "data", pacs_port=pacs_port, pacs_ae="PACS", top=f"workers = {workers}",
+        storage=f'database_url = "{url}"' if url else "", quiet_seconds=quiet, feature_source="vgg",
+        sections=f'[executor]\nkind = "dask"\nscheduler = "{scheduler}"' if scheduler else ""))
     return path
-
-
-def _listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited: {log.read_text()[-3000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing on port {port}")
 
 
 def run_config(name: str, work: Path, pairs: list[tuple[Path, Path]], *, quiet: float, workers: int,
@@ -117,23 +79,19 @@ def run_config(name: str, work: Path, pairs: list[tuple[Path, Path]], *, quiet: 
     cluster = None
     url = pg.create_database(name.replace("-", "_")) if pg else ""
     try:
-        _listening(pacs_port, pacs, folder / "storescp.log")
+        wait_listening(pacs_port, pacs, folder / "storescp.log")
         if pg is not None:
             cluster = DaskCluster(folder / "dask", workers=workers)
         config = _config(folder, port=port, pacs_port=pacs_port, quiet=quiet, url=url,
                          scheduler=cluster.address if cluster else "", workers=workers)
         log = folder / "node.log"
-        node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-                                env=child_environment(REPO), cwd=REPO, stdout=open(log, "w"),
-                                stderr=subprocess.STDOUT)
+        node = start_serve(config, port, log)
         try:
-            _listening(port, node, log)
             database = db.Database(url or folder / "data" / "node.sqlite")
             t0 = time.time()
             for ct, mr in pairs:
                 for series in (ct, mr):
-                    subprocess.run([dcmtk("storescu"), "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd", "127.0.0.1",
-                                    str(port), str(series)], check=True, capture_output=True, timeout=600, env=DCMTK_ENV)
+                    storescu(port, series, env=DCMTK_ENV, timeout=600).check_returncode()
             sent_s = time.time() - t0
             deadline = time.monotonic() + 3600
             while time.monotonic() < deadline:

@@ -314,3 +314,31 @@ class RunningSCP:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_listening(port: int, proc: subprocess.Popen | None = None, log: Path | None = None,
+                   timeout: float = 60.0) -> None:
+    """Until something accepts on 127.0.0.1:``port``; fails at once when ``proc`` exits (with ``log``'s tail)."""
+    import time
+
+    def tail() -> str:
+        return log.read_text()[-3000:] if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process for port {port} exited with {proc.returncode} at start:\n{tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s:\n{tail()}")
+
+
+def storescu(port: int, *paths: Path, env: dict[str, str] | None = None, timeout: float = 300,
+             verbose: bool = False) -> subprocess.CompletedProcess:
+    """DCMTK storescu (AE SCANNER) of files or folders to FUSIONNODE on 127.0.0.1:``port``; the caller checks."""
+    return subprocess.run([dcmtk("storescu"), *(["-v"] if verbose else []), "-aet", "SCANNER", "-aec", "FUSIONNODE",
+                           "+sd", "127.0.0.1", str(port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=timeout, env=env)

@@ -121,3 +121,63 @@ min_instances = 10
 modality = ["MR"]
 min_instances = 10
 '''
+
+
+def pacs_pipeline_toml(*, port: int, root: Path, pacs_port: int, pacs_ae: str = "ORTHANC", top: str = "",
+                       storage: str = "", sections: str = "", quiet_seconds: float = 2,
+                       outbox: str = "backoff_initial_s = 0.5\nbackoff_max_s = 1", feature_source: str = "image") -> str:
+    """A node on CPU that fuses CT+MR studies (10+ instances each) and sends them to one PACS.
+
+    For the tests and benchmarks that run whole nodes against a real peer
+    (fault injection, shared queue, scale-out): ``top`` holds top-level keys,
+    ``storage`` more [storage] keys, ``sections`` whole sections (e.g. [executor]).
+    """
+    return f'''
+device = "cpu"
+{top}
+[node]
+ae_title = "FUSIONNODE"
+host = "127.0.0.1"
+port = {port}
+[http]
+port = 0
+[storage]
+root = "{root}"
+{storage}
+[settle]
+quiet_seconds = {quiet_seconds}
+sweep_interval_s = 0.3
+[outbox]
+{outbox}
+{sections}
+[[destinations]]
+name = "pacs"
+ae_title = "{pacs_ae}"
+host = "127.0.0.1"
+port = {pacs_port}
+[[pipelines]]
+name = "ct-mr"
+match = "study"
+destinations = ["pacs"]
+feature_source = "{feature_source}"
+base = {{ modality = ["CT"], min_instances = 10 }}
+overlay = {{ modality = ["MR"], min_instances = 10 }}
+'''
+
+
+def start_serve(config: Path, port: int, log: Path, env: dict[str, str] | None = None,
+                timeout: float = 120.0) -> subprocess.Popen:
+    """``fusion-node serve --config config`` as its own process, once it listens on ``port``."""
+    from dicom_helpers import wait_listening
+
+    from fusion.environment import child_environment
+
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            env=env if env is not None else child_environment(REPO), cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_listening(port, proc, log, timeout)
+    except (RuntimeError, TimeoutError):
+        proc.kill()
+        raise
+    return proc

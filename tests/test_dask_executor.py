@@ -11,7 +11,6 @@ node is stopped while a worker runs its job.
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dicom_helpers import dcmtk, free_port, json_logs
+from dask_cluster import DaskCluster
+from dicom_helpers import dcmtk, free_port, json_logs, wait_listening
 
 from fusion import environment
 
@@ -27,107 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 pytest.importorskip("distributed", reason="the Dask executor needs the [dask] extra (pip install '.[dask]')")
-
-
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-class DaskCluster:
-    """``dask scheduler`` and ``dask worker --nthreads 1 --no-nanny`` processes on loopback (killed at teardown).
-
-    With ``root`` (the node's storage root), the second worker is started by
-    ``fusion-node worker`` (which checks that it sees the root, then becomes
-    the same ``dask worker``).
-
-    ``--no-nanny``: a SIGKILLed worker stays dead (a nanny would restart it),
-    so the job must move to the other worker.  The workers preload
-    ``dicom_node.workflow.remote``, as docs/scale-out.md advises, so the first job
-    does not pay for the imports.
-    """
-
-    def __init__(self, folder: Path, workers: int = 2, root: Path | None = None, allowed_failures: int | None = None,
-                 resources: dict[str, str] | None = None):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = environment.child_environment(pythonpath=REPO)
-        if allowed_failures is not None:  # Dask's own setting, read by the scheduler from its environment
-            self.env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = str(allowed_failures)
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._logs: list = []
-        self._start("scheduler", [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                                  "--port", str(self.port), "--no-dashboard"])
-        _wait_port(self.port, self.procs["scheduler"], folder / "scheduler.log")
-        for i in range(workers):
-            if i == 1 and root is not None:  # the second one through the node's own wrapper, as an operator would
-                config = folder / "worker.toml"
-                config.write_text(f'[storage]\nroot = "{root}"\n[executor]\nkind = "dask"\n'
-                                  f'scheduler = "{self.address}"\n')
-                (root / "instances").mkdir(parents=True, exist_ok=True)  # as the node's first start makes it
-                self._start(f"w{i}", [sys.executable, "-m", "dicom_node.cli", "worker", "--config", str(config),
-                                      "--name", f"w{i}"])
-                continue
-            extra = ["--resources", resources[f"w{i}"]] if resources and f"w{i}" in resources else []
-            self._start(f"w{i}", [sys.executable, "-m", "distributed.cli.dask_worker", self.address,
-                                  "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"w{i}",
-                                  "--host", "127.0.0.1", "--preload", "dicom_node.workflow.remote", *extra])
-        from distributed import Client
-
-        self.client = Client(self.address, timeout=30, set_as_default=False)
-        try:
-            self.client.wait_for_workers(workers, timeout=120)
-        except Exception:
-            self.close()
-            raise
-
-    def _start(self, name: str, cmd: list[str]) -> None:
-        log = open(self.folder / f"{name}.log", "wb")
-        self._logs.append(log)
-        self.procs[name] = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def worker_names(self) -> dict[str, str]:
-        """address -> the worker's --name."""
-        return {a: str(w["name"]) for a, w in self.client.scheduler_info()["workers"].items()}
-
-    def running(self, key: str) -> str | None:
-        """The address of the worker the scheduler has ``key`` on, if any."""
-        for address, keys in self.client.processing().items():
-            if key in keys:
-                return address
-        return None
-
-    def executing(self) -> dict[str, int]:
-        """Tasks executing right now per worker (asked of the workers themselves)."""
-        return self.client.run(lambda dask_worker: len(dask_worker.state.executing))
-
-    def kill(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait(10)
-
-    def close(self) -> None:
-        try:
-            self.client.close(timeout=5)
-        except Exception:  # noqa: BLE001 - teardown goes on to kill the processes whatever the client says
-            pass
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-        for log in self._logs:
-            log.close()
 
 
 @pytest.fixture
@@ -158,7 +57,7 @@ class Storescp:
         self._log = open(folder.parent / "storescp.log", "wb")
         self.proc = subprocess.Popen([dcmtk("storescp"), "-od", str(folder), "-aet", "PACS", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        _wait_port(self.port, self.proc, folder.parent / "storescp.log")
+        wait_listening(self.port, self.proc, folder.parent / "storescp.log")
 
     def received(self) -> list[pydicom.Dataset]:
         return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]

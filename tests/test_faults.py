@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,8 +32,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dicom_helpers import dcmtk, free_port
+from dicom_helpers import free_port, storescu
 from peers import OrthancServer
+from serve_process import pacs_pipeline_toml, start_serve
 
 from fusion.environment import child_environment
 
@@ -66,53 +66,15 @@ class NodeUnderTest:
         self.port = free_port()
         self.config = workdir / "node.toml"
         self.runs = 0
-        self.config.write_text(f"""
-device = "cpu"
-[node]
-ae_title = "FUSIONNODE"
-host = "127.0.0.1"
-port = {self.port}
-[http]
-port = 0
-[storage]
-root = "{self.root}"
-[settle]
-quiet_seconds = 2
-sweep_interval_s = 0.3
-[outbox]
-max_attempts = 1000
-backoff_initial_s = 0.5
-backoff_max_s = 1
-[[destinations]]
-name = "pacs"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs_port}
-[[pipelines]]
-name = "ct-mr"
-match = "study"
-destinations = ["pacs"]
-feature_source = "image"
-base = {{ modality = ["CT"], min_instances = 10 }}
-overlay = {{ modality = ["MR"], min_instances = 10 }}
-""")
+        self.config.write_text(pacs_pipeline_toml(
+            port=self.port, root=self.root, pacs_port=pacs_port,
+            outbox="max_attempts = 1000\nbackoff_initial_s = 0.5\nbackoff_max_s = 1"))
 
     def start(self, crash_at: str | None = None) -> Run:
         self.runs += 1
         env = child_environment(REPO, FUSION_CRASH_AT=crash_at)
         log = self.config.parent / f"node-run{self.runs}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
-                                env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"node exited at start: {log.read_text()[-3000:]}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return Run(proc, log)
-            except OSError:
-                time.sleep(0.2)
-        proc.kill()
-        pytest.fail("node did not listen within 60 s")
+        return Run(start_serve(self.config, self.port, log, env), log)
 
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.root / "node.sqlite", timeout=30)
@@ -151,8 +113,7 @@ overlay = {{ modality = ["MR"], min_instances = 10 }}
 
 def _send(node: NodeUnderTest, folders: list[Path]) -> tuple[int, set[Path]]:
     """storescu the folders; returns (exit code, the files storescu saw answered Success)."""
-    done = subprocess.run([dcmtk("storescu"), "-v", "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd", "127.0.0.1",
-                           str(node.port), *map(str, folders)], capture_output=True, text=True, timeout=300)
+    done = storescu(node.port, *folders, verbose=True)
     acked, current = set(), None
     for line in (done.stdout + done.stderr).splitlines():
         m = re.search(r"Sending file: (.+)$", line)

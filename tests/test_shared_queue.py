@@ -17,19 +17,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from dicom_helpers import dcmtk, free_port
+from dicom_helpers import free_port, storescu
 from peers import OrthancServer
+from serve_process import pacs_pipeline_toml, start_serve
 
 from dicom_node.index import db
-from fusion.environment import child_environment
 
 REPO = Path(__file__).resolve().parents[1]
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -39,61 +37,15 @@ REG_CLASS = "1.2.840.10008.5.1.4.1.1.66.1"
 def _config(folder: Path, *, instance: str, port: int, root: Path, url: str, pacs_port: int,
             scheduler: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    executor = f'[executor]\nkind = "dask"\nscheduler = "{scheduler}"' if scheduler else ""
     path = folder / f"node-{instance}.toml"
-    path.write_text(f"""
-device = "cpu"
-[node]
-ae_title = "FUSIONNODE"
-host = "127.0.0.1"
-port = {port}
-[http]
-port = 0
-[storage]
-root = "{root}"
-database_url = "{url}"
-instance = "{instance}"
-[settle]
-quiet_seconds = 2
-sweep_interval_s = 0.3
-{executor}
-[outbox]
-backoff_initial_s = 0.5
-backoff_max_s = 1
-[[destinations]]
-name = "pacs"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs_port}
-[[pipelines]]
-name = "ct-mr"
-match = "study"
-destinations = ["pacs"]
-feature_source = "image"
-base = {{ modality = ["CT"], min_instances = 10 }}
-overlay = {{ modality = ["MR"], min_instances = 10 }}
-""")
+    path.write_text(pacs_pipeline_toml(
+        port=port, root=root, pacs_port=pacs_port, storage=f'database_url = "{url}"\ninstance = "{instance}"',
+        sections=f'[executor]\nkind = "dask"\nscheduler = "{scheduler}"' if scheduler else ""))
     return path
 
 
-def _start(config: Path, port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-                            env=child_environment(REPO), cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"node exited at start: {log.read_text()[-3000:]}"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail("node did not listen within 60 s")
-
-
 def _send(port: int, folder: Path) -> None:
-    done = subprocess.run([dcmtk("storescu"), "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd", "127.0.0.1", str(port),
-                           str(folder)], capture_output=True, text=True, timeout=300)
+    done = storescu(port, folder)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -122,11 +74,11 @@ def test_two_nodes_share_one_queue_and_survive_the_death_of_the_one_fusing(tmp_p
     cluster = None
     if executor == "dask":
         pytest.importorskip("distributed", reason="the Dask executor needs the [dask] extra")
-        from test_dask_executor import DaskCluster
+        from dask_cluster import DaskCluster
 
         cluster = DaskCluster(tmp_path / "dask", workers=2)
     ports = {"a": free_port(), "b": free_port()}
-    procs = {name: _start(_config(tmp_path, instance=name, port=port, root=root, url=url, pacs_port=pacs.dicom_port,
+    procs = {name: start_serve(_config(tmp_path, instance=name, port=port, root=root, url=url, pacs_port=pacs.dicom_port,
                                   scheduler=cluster.address if cluster else ""),
                           port, tmp_path / f"node-{name}.log") for name, port in ports.items()}
     try:

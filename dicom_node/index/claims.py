@@ -14,7 +14,12 @@ import hashlib
 import os
 import socket
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicom_node.index.db import Connection, Database
 
 
 def node_identity(root: Path) -> str:
@@ -44,3 +49,25 @@ def claim_dead(owner: str | None, run: str | None, expires: float | None, *, me:
     if owner is None or run is None or (expires or 0) < now:
         return True
     return owner == me and not pid_alive(str(run).split("-")[0])
+
+
+def take_over(conn: Database | Connection, query: str, params: Sequence[Any], *, prefix: str, me: str, run: str,
+              now: float, take: Callable[[Connection, Any], int]) -> list[Any]:
+    """Apply ``take`` to the rows of ``query`` whose claim (``<prefix>_owner/_run/_expires``) is dead.
+
+    Looked at first without the write lock (almost always nothing is dead,
+    and a sweep must not serialise the other nodes for nothing), then again
+    under it, so two processes never take one row over twice.  Rows held by
+    ``run`` (this process) are never dead.  Returns the rows ``take`` counted
+    (its return value: how many rows its update changed).
+    """
+    from dicom_node.index import db
+
+    def dead(c: Database | Connection) -> list[Any]:
+        return [r for r in c.execute(query, params).fetchall() if r[f"{prefix}_run"] != run
+                and claim_dead(r[f"{prefix}_owner"], r[f"{prefix}_run"], r[f"{prefix}_expires"], me=me, now=now)]
+
+    if not dead(conn):
+        return []
+    with db.transaction(conn) as c:
+        return [r for r in dead(c) if take(c, r)]

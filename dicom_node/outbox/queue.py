@@ -51,7 +51,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node import audit, events
 from dicom_node.config import NodeSettings, OutboxConfig
 from dicom_node.index import db
-from dicom_node.index.claims import claim_dead, new_run_id, node_identity
+from dicom_node.index.claims import new_run_id, node_identity, take_over
 from dicom_node.logs import fields
 from dicom_node.net.scu import MAX_CONTEXTS
 from dicom_node.net.statuses import hex_status
@@ -247,18 +247,11 @@ class Outbox:
     def _recover(self) -> int:
         """Put rows whose sender died back to pending (see the module docstring); returns how many."""
         t = db.now()
-        candidates = "SELECT id, claim_owner, claim_run, claim_expires FROM outbox WHERE state='sending'"
-        dead = [r["id"] for r in self._conn().execute(candidates)
-                if r["claim_run"] != self.run_id
-                and claim_dead(r["claim_owner"], r["claim_run"], r["claim_expires"], me=self.owner, now=t)]
-        if not dead:
-            return 0  # the usual case, without taking the write lock
-        n = 0
-        with db.transaction(self._conn()) as conn:
-            for row in conn.execute(candidates + f" AND id IN ({','.join('?' * len(dead))})", dead).fetchall():
-                if claim_dead(row["claim_owner"], row["claim_run"], row["claim_expires"], me=self.owner, now=t):
-                    n += conn.execute("UPDATE outbox SET state='pending', claim_run=NULL, claim_expires=NULL,"
-                                      " updated_at=? WHERE id=? AND state='sending'", (t, row["id"])).rowcount
+        n = len(take_over(
+            self._conn(), "SELECT id, claim_owner, claim_run, claim_expires FROM outbox WHERE state='sending'", (),
+            prefix="claim", me=self.owner, run=self.run_id, now=t,
+            take=lambda c, row: c.execute("UPDATE outbox SET state='pending', claim_run=NULL, claim_expires=NULL,"
+                                          " updated_at=? WHERE id=? AND state='sending'", (t, row["id"])).rowcount))
         if n:
             log.warning("outbox.recovered", extra=fields(items=n, reason="left 'sending' by a run that died"))
             self._wake.set()

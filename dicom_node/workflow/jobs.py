@@ -33,7 +33,7 @@ from typing import Any
 from dicom_node import events, logs
 from dicom_node.errors import NodeError
 from dicom_node.index import db
-from dicom_node.index.claims import claim_dead, new_run_id, node_identity
+from dicom_node.index.claims import new_run_id, node_identity, take_over
 
 log = logging.getLogger("dicom_node.workflow.jobs")
 
@@ -226,20 +226,20 @@ class JobQueue:
         so it resumes; after :data:`MAX_INTERRUPTIONS` it fails.
         """
         t = db.now() if now is None else now
-        candidates = "SELECT id, lease_owner, lease_run, lease_expires, interruptions FROM jobs " \
-                     "WHERE state = 'running' AND COALESCE(lease_run, '') <> ?"
-        if not any(self._dead(r, t) for r in self.conn.execute(candidates, (self.run_id,))):
-            return 0  # the usual case, without taking the write lock
-        with db.transaction(self.conn) as c:
-            rows = [r for r in c.execute(candidates, (self.run_id,)).fetchall() if self._dead(r, t)]
-            for r in rows:
-                fail = r["interruptions"] + 1 >= MAX_INTERRUPTIONS
-                c.execute(
-                    "UPDATE jobs SET interruptions = interruptions + 1, lease_run = NULL, lease_expires = NULL,"
-                    " state = ?, finished_at = ?, error = ? WHERE id = ?",
-                    ("failed" if fail else "queued", t if fail else None,
-                     f"interrupted {r['interruptions'] + 1} times (the node died or stopped while running it); not "
-                     "resumed again: check the node log, then `fusion-node jobs retry` it" if fail else None, r["id"]))
+
+        def requeue(c: db.Connection, r: Any) -> int:
+            fail = r["interruptions"] + 1 >= MAX_INTERRUPTIONS
+            return c.execute(
+                "UPDATE jobs SET interruptions = interruptions + 1, lease_run = NULL, lease_expires = NULL,"
+                " state = ?, finished_at = ?, error = ? WHERE id = ? AND state = 'running'",
+                ("failed" if fail else "queued", t if fail else None,
+                 f"interrupted {r['interruptions'] + 1} times (the node died or stopped while running it); not "
+                 "resumed again: check the node log, then `fusion-node jobs retry` it" if fail else None,
+                 r["id"])).rowcount
+
+        rows = take_over(self.conn, "SELECT id, lease_owner, lease_run, lease_expires, interruptions FROM jobs "
+                                    "WHERE state = 'running'", (), prefix="lease", me=self.owner, run=self.run_id,
+                         now=t, take=requeue)
         for r in rows:
             log.warning("job.taken_over", extra=logs.fields(
                 job_id=r["id"], previous_owner=r["lease_owner"], own=r["lease_owner"] == self.owner,
@@ -248,9 +248,6 @@ class JobQueue:
         if rows:
             log.warning("jobs.recovered", extra=logs.fields(count=n, failed=len(rows) - n))
         return n
-
-    def _dead(self, row: Any, now: float) -> bool:
-        return claim_dead(row["lease_owner"], row["lease_run"], row["lease_expires"], me=self.owner, now=now)
 
     def get(self, job_id: int) -> Job | None:
         row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
