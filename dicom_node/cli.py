@@ -90,8 +90,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         if not p.exists():
             raise CliError(f"input not found: {p}")
     a, b = read_image(args.base), read_image(args.overlay)
-    keep_freed_memory()
-    model = _load_model_or_fail(args.feature_source, args.device) if uses_vgg(args.method, args.feature_source) else None
+    model = None
+    if uses_vgg(args.method, args.feature_source):
+        keep_freed_memory()  # the VGG stage's large blocks: docs/speed-vgg.md, "system time"
+        model = _load_model_or_fail(args.feature_source, args.device)
     t0 = time.perf_counter()
     try:
         # the library's rule: the overlay's modality when given, else colour = PET, grey = CT
@@ -182,11 +184,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from dicom_node.errors import NodeError
+    from dicom_node.web.readiness import weights_needed
     from dicom_node.web.runtime import start_node
     from fusion.allocator import keep_freed_memory
 
-    keep_freed_memory()  # before the worker threads start: docs/speed-vgg.md, "system time"
     settings = _settings(args)
+    if weights_needed(settings):  # only the VGG stage was shown to gain (docs/speed-vgg.md, "system time");
+        keep_freed_memory()       # before the worker threads start; a pipeline added by a reload goes without
     _configure_logs(args, settings)
     try:
         running = start_node(settings)
@@ -274,17 +278,10 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _age(ts: float | None, now: float | None = None) -> str:
-    """``12 s``, ``5 min``, ``3.2 h``, ``4 d`` since ``ts`` (empty when unknown)."""
-    if ts is None:
-        return ""
-    s = max(0.0, (time.time() if now is None else now) - ts)
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.0f} d"
+    """The age of ``ts`` (``heartbeat.age_text``); empty when unknown."""
+    from dicom_node.workflow.heartbeat import age_text
+
+    return "" if ts is None else age_text((time.time() if now is None else now) - ts)
 
 
 def _size(n: int) -> str:

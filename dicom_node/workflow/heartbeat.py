@@ -108,14 +108,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _ago(seconds: float) -> str:
+def age_text(seconds: float) -> str:
+    """``12 s``, ``5 min``, ``3.2 h``, ``4 d``: an age as a person reads it in a status line or a table."""
+    seconds = max(0.0, seconds)
     if seconds < 120:
-        return f"{seconds:.0f} s ago"
+        return f"{seconds:.0f} s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
+        return f"{seconds / 60:.0f} min"
     if seconds < 172800:
-        return f"{seconds / 3600:.1f} h ago"
-    return f"{seconds / 86400:.0f} days ago"
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _ago(seconds: float) -> str:
+    return age_text(seconds) + " ago"
 
 
 def read_liveness(path: Path, now: float | None = None) -> Liveness:
