@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from fusion_demo.samples import write_synthetic_pair
 
     work = Path(tempfile.mkdtemp(prefix="fusion-scale-"))
+    load_before = os.getloadavg()[0]
     try:
         pairs = [write_synthetic_pair(work / "input" / f"pair{i}", seed=11 + i) for i in range(args.pairs)]
         out = []
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['latency_max_s']} | {r['job_compute_median_s']} | {r['sc_series']} | {r['duplicates']} |")
     cores = os.cpu_count()
     heading = (f"\n### Measured {time.strftime('%Y-%m-%d')}: {cores} cores, {args.pairs} generated pairs, "
-               f"quiet period {args.quiet:g} s\n\n")
+               f"quiet period {args.quiet:g} s; load average {load_before:.1f} before, "
+               f"{os.getloadavg()[0]:.1f} after\n\n")
     command = f"\n\n`python benchmarks/scale_out.py --pairs {args.pairs} --workers {' '.join(map(str, args.workers))}`\n"
     append_section(args.out, "# Scale-out\n", heading + "\n".join(lines) + command)
     return 0
