@@ -130,7 +130,9 @@ class AuditTrail:
     """Appends audit records to ``<folder>/audit.jsonl``; cheap to create, safe to share between threads."""
 
     def __init__(self, folder: Path, source_id: str = "FUSIONNODE") -> None:
-        self.folder = Path(folder)
+        # absolute now: a relative storage root means the folder the node started in, whatever the
+        # working directory is when a record is written later
+        self.folder = Path(folder).absolute()
         self.path = self.folder / FILE_NAME
         self.source_id = source_id
         with _locks_guard:
