@@ -73,9 +73,12 @@ def feature_gradients(
     bound memory: a 64-channel full-resolution tap is 64x the image.
 
     ``precision="bf16"`` runs the convolutions in bfloat16 autocast with channels-last
-    tensors (about 4x the fp32 rate on a CPU with AVX512-BF16); the structure tensors are
-    still summed in float32, so the weights move by far less than one grey level
-    (tests/test_precision.py, docs/speed.md).
+    tensors (about 4x the fp32 rate on a CPU with AVX512-BF16), and the feature maps'
+    derivatives too, on the maps as the network left them: converting 64 full-resolution
+    channels to float32 NCHW first cost more than the network itself, and the fp32
+    depthwise convolutions 3x more than these (docs/speed-vgg.md).  The products are
+    formed and averaged in float32, so the weights move by far less than one grey level
+    (tests/test_precision.py).
     """
     import torch
     import torch.nn.functional as F
@@ -95,8 +98,8 @@ def feature_gradients(
         # (depthwise convolution: ~8x faster on the CPU than folding channels into the batch)
         c = x.shape[1]
         x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-        x = F.conv2d(x, ky.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-        return F.conv2d(x, kx.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        x = F.conv2d(x, ky.to(x.dtype).view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return F.conv2d(x, kx.to(x.dtype).view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
 
     src = to_torch(xp.ascontiguousarray(images.astype(xp.float32, copy=False)))
     bf16 = resolve_precision(precision, str(device)) == "bf16"
@@ -110,15 +113,14 @@ def feature_gradients(
             if bf16:
                 with torch.autocast(device_type=str(device), dtype=torch.bfloat16):
                     taps = model(batch.contiguous(memory_format=torch.channels_last))
-                taps = {name: fmap.float().contiguous() for name, fmap in taps.items()}
             else:
                 taps = model(batch)
             acc = torch.zeros((batch.shape[0], 3, h, w), dtype=torch.float32, device=device)
             for name in layers:
                 fmap = taps[name]
                 fh, fw = fmap.shape[-2:]
-                gx = sep(fmap, g, dg)
-                gy = sep(fmap, dg, g)
+                gx = sep(fmap, g, dg).float()
+                gy = sep(fmap, dg, g).float()
                 tensor = torch.stack(
                     [(gx * gx).mean(1), (gx * gy).mean(1), (gy * gy).mean(1)], dim=1
                 )
