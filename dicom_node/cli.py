@@ -502,11 +502,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_outbox(args: argparse.Namespace) -> int:
     _, _, _, outbox = _offline_node(args)
     if args.action == "retry":
-        n = outbox.retry(args.ids or None, destination=args.destination, series_uid=args.series)
+        ids = [i for group in args.ids for i in group]
+        n = outbox.retry(ids or None, destination=args.destination, series_uid=args.series)
         print(f"{n} item(s) due again; a running node sends them")
         return 0
-    items = outbox.list(state=args.state, destination=args.destination)
     if args.items:
+        items = outbox.list(state=args.state, destination=args.destination)
         if args.json:
             _print_json([{**{k: getattr(i, k) for k in ("id", "destination", "state", "attempts", "job_id",
                                                           "series_uid", "sop_instance_uid", "last_status",
@@ -518,41 +519,27 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                [[i.id, i.destination, i.state, i.attempts, i.job_id or "", i.sop_instance_uid, i.last_error or ""]
                 for i in items], empty="outbox empty")
         return 0
-    # one line per destination, job, series and state: a fused series is one line, not forty
-    groups: dict[tuple, dict] = {}
-    for i in items:
-        g = groups.setdefault((i.destination, i.job_id, i.series_uid, i.state), {
-            "destination": i.destination, "job_id": i.job_id, "series_uid": i.series_uid, "state": i.state,
-            "items": 0, "max_attempts": 0, "oldest": i.created_at, "last_update": i.updated_at,
-            "last_error": None, "ids": []})
-        g["items"] += 1
-        g["ids"].append(i.id)
-        g["max_attempts"] = max(g["max_attempts"], i.attempts)
-        g["oldest"] = min(g["oldest"], i.created_at)
-        if i.updated_at >= g["last_update"]:
-            g["last_update"] = i.updated_at
-        g["last_error"] = i.last_error or g["last_error"]
-    rows = sorted(groups.values(), key=lambda g: (g["state"] != "dead", g["destination"], g["job_id"] or 0))
-    for g in rows:
-        if g["state"] == "dead":
-            g["retry"] = (f"fusion-node outbox retry --series {g['series_uid']} --destination {g['destination']}"
-                          if g["series_uid"] else f"fusion-node outbox retry {_id_ranges(g['ids'])}")
+    from dicom_node.outbox.queue import id_ranges
+
+    groups = outbox.groups(state=args.state, destination=args.destination)
     health = outbox.destination_health()
     if args.json:
-        _print_json({"groups": [{**g, "oldest": _iso(g["oldest"]), "last_update": _iso(g["last_update"])}
-                                for g in rows],
+        _print_json({"groups": [{"destination": g.destination, "job_id": g.job_id, "series_uid": g.series_uid,
+                                 "state": g.state, "items": g.count, "max_attempts": g.max_attempts,
+                                 "oldest": _iso(g.oldest), "last_update": _iso(g.last_update),
+                                 "last_error": g.last_error, "ids": list(g.ids),
+                                 **({"retry": g.retry_command} if g.state == "dead" else {})} for g in groups],
                      "failing_destinations": {n: {**h, "failing_since": _iso(h["failing_since"])}
                                               for n, h in health.items()}})
         return 0
     _table(["DESTINATION", "JOB", "STATE", "ITEMS", "TRIES", "QUEUED", "IDS", "SERIES", "LAST ERROR"],
-           [[g["destination"], g["job_id"] or "-", g["state"], g["items"], g["max_attempts"],
-             _age(g["oldest"]) + " ago", _id_ranges(g["ids"]), g["series_uid"] or "-", g["last_error"] or ""]
-            for g in rows], empty="outbox empty")
-    dead = [g for g in rows if g["state"] == "dead"]
+           [[g.destination, g.job_id or "-", g.state, g.count, g.max_attempts, _age(g.oldest) + " ago",
+             id_ranges(g.ids), g.series_uid or "-", g.last_error or ""] for g in groups], empty="outbox empty")
+    dead = [g for g in groups if g.state == "dead"]
     if dead:
-        print(f"{sum(g['items'] for g in dead)} dead letter(s) in {len(dead)} series; send them again with:")
+        print(f"{sum(g.count for g in dead)} dead letter(s) in {len(dead)} series; send them again with:")
         for g in dead:
-            print(f"  {g['retry']}")
+            print(f"  {g.retry_command}")
     for name, h in health.items():
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["failing_since"]))
         print(f"destination {name} failing since {since}: {h['last_error']}")
@@ -580,17 +567,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _id_ranges(ids: list[int]) -> str:
-    """``1-40,45`` for a retry command line."""
-    out: list[str] = []
-    for i in sorted(ids):
-        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == i - 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{i}"
-        elif out and "-" not in out[-1] and int(out[-1]) == i - 1:
-            out[-1] = f"{out[-1]}-{i}"
-        else:
-            out.append(str(i))
-    return ",".join(out)
+def _id_list(text: str) -> list[int]:
+    from dicom_node.outbox.queue import parse_id_ranges
+
+    try:
+        return parse_id_ranges(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an outbox id list; write e.g. 12, or 1-40,45") from None
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -711,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = with_config(sub.add_parser("outbox", help="list outgoing instances by series (dead letters first), or make "
                                                   "dead/pending ones due again"))
     o.add_argument("action", choices=("list", "retry"))
-    o.add_argument("ids", type=int, nargs="*")
+    o.add_argument("ids", type=_id_list, nargs="*", help="retry: these items, e.g. 12 15 or 1-40,45")
     o.add_argument("--state", choices=("pending", "sending", "sent", "dead"))
     o.add_argument("--destination")
     o.add_argument("--series", metavar="UID", help="retry: only the items of this series")

@@ -194,6 +194,20 @@ def test_jobs_and_outbox_tables_and_json(tmp_path):
     assert " 1-3 " in rows[0] and " 4-5 " in rows[1]
     per_instance = json.loads(cli("outbox", "list", "--instances", "--json", "--config", cfg).stdout)
     assert len(per_instance) == 5 and {i["state"] for i in per_instance} == {"pending"}
+    # the id lists the table prints are what `outbox retry` takes
+    assert cli("outbox", "retry", "1-3,5", "--config", cfg).stdout.startswith("4 item(s) due again")
+    bad = cli("outbox", "retry", "3-1", "--config", cfg)
+    assert bad.returncode == 2 and "not an outbox id list" in bad.stderr
+
+
+def test_outbox_id_ranges_round_trip():
+    from dicom_node.outbox.queue import id_ranges, parse_id_ranges
+
+    assert id_ranges([5, 1, 2, 3, 9, 10]) == "1-3,5,9-10"
+    assert parse_id_ranges("1-3,5,9-10") == [1, 2, 3, 5, 9, 10]
+    assert parse_id_ranges(id_ranges(range(1, 41))) == list(range(1, 41))
+    with pytest.raises(ValueError):
+        parse_id_ranges("x")
 
 
 def test_closed_pipe_ends_quietly(tmp_path):

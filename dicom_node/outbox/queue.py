@@ -63,7 +63,7 @@ log = logging.getLogger("dicom_node.outbox")
 
 STATES = tuple(s.value for s in OutboxState)
 
-__all__ = ["MAX_CONTEXTS", "Outbox", "OutboxItem", "Queued", "STATES", "SeriesGroup", "attempt_schedule",
+__all__ = ["MAX_CONTEXTS", "Outbox", "OutboxItem", "Queued", "STATES", "SeriesGroup", "attempt_schedule", "id_ranges", "parse_id_ranges",
            "gives_up", "retry_delay"]
 
 #: seconds a claim on rows being sent lasts; renewed while the batch goes out (every third of it)
@@ -140,21 +140,54 @@ class OutboxItem:
 
 @dataclass(frozen=True)
 class SeriesGroup:
-    """Outbox rows of one series to one destination in one state: what ``fusion-node outbox list`` shows."""
+    """Outbox rows of one job's series to one destination in one state: one line of ``fusion-node outbox list``.
+
+    A fused series of forty instances is one group, not forty lines.
+    """
 
     destination: str
+    job_id: int | None
     series_uid: str | None
     state: str
-    count: int
-    last_error: str | None
+    ids: tuple[int, ...]
+    max_attempts: int
+    oldest: float  #: when the oldest row was queued
     last_update: float
+    last_error: str | None  #: the newest row's error, if any has one
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
 
     @property
     def retry_command(self) -> str:
         """The exact command that makes this group due again."""
         if self.series_uid is None:
-            return f"fusion-node outbox retry --destination {self.destination}"
+            return f"fusion-node outbox retry {id_ranges(self.ids)}"
         return f"fusion-node outbox retry --series {self.series_uid} --destination {self.destination}"
+
+
+def id_ranges(ids: Sequence[int]) -> str:
+    """``1-40,45``: outbox ids as a retry command line takes them."""
+    out: list[list[int]] = []
+    for i in sorted(ids):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def parse_id_ranges(text: str) -> list[int]:
+    """The ids of ``1-40,45`` (what :func:`id_ranges` writes); ValueError on anything else."""
+    ids: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        a, b = int(first), int(last or first)
+        if b < a:
+            raise ValueError(f"{part!r}: a range goes from the lower id to the higher")
+        ids.extend(range(a, b + 1))
+    return ids
 
 
 class Queued(Protocol):
@@ -386,24 +419,19 @@ class Outbox:
         return [OutboxItem._from_row(r) for r in self._conn().execute(sql, args)]
 
     def groups(self, state: str | None = None, destination: str | None = None) -> builtins.list[SeriesGroup]:
-        """Rows grouped by (destination, series, state), dead first: the operator's view of the queue."""
-        if state is not None and state not in STATES:
-            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
-        where, args = [], []
-        for col, val in (("state", state), ("destination", destination)):
-            if val is not None:
-                where.append(f"{col} = ?")
-                args.append(val)
-        sql = ("SELECT destination, series_uid, state, COUNT(*) AS n, MAX(updated_at) AS last_update,"
-               " (SELECT last_error FROM outbox o2 WHERE o2.destination = o.destination AND o2.state = o.state"
-               "  AND o2.series_uid IS NOT DISTINCT FROM o.series_uid AND o2.last_error IS NOT NULL"
-               "  ORDER BY o2.updated_at DESC LIMIT 1) AS last_error"
-               " FROM outbox o" + (f" WHERE {' AND '.join(where)}" if where else "") +
-               " GROUP BY destination, series_uid, state"
-               " ORDER BY CASE state WHEN 'dead' THEN 0 WHEN 'sending' THEN 1 WHEN 'pending' THEN 2 ELSE 3 END,"
-               " destination, last_update")
-        return [SeriesGroup(r["destination"], r["series_uid"], r["state"], r["n"], r["last_error"], r["last_update"])
-                for r in self._conn().execute(sql, args)]
+        """Rows grouped by (destination, job, series, state), dead first: the operator's view of the queue."""
+        rows: dict[tuple[Any, ...], builtins.list[OutboxItem]] = {}
+        for item in self.list(state=state, destination=destination):
+            rows.setdefault((item.destination, item.job_id, item.series_uid, item.state), []).append(item)
+        groups = []
+        for (dest, job_id, series_uid, st), items in rows.items():
+            newest = max(items, key=lambda i: i.updated_at)
+            errors = [i for i in items if i.last_error]
+            groups.append(SeriesGroup(
+                dest, job_id, series_uid, st, tuple(i.id for i in items), max(i.attempts for i in items),
+                min(i.created_at for i in items), newest.updated_at,
+                max(errors, key=lambda i: i.updated_at).last_error if errors else None))
+        return sorted(groups, key=lambda g: (g.state != "dead", g.destination, g.job_id or 0, g.oldest))
 
     def destination_health(self) -> dict[str, dict[str, Any]]:
         """``{destination: {failing_since, down_alerted, last_error}}`` for destinations that have failed."""
