@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 #: loggers whose messages are the node's own (event names, fields without patient data)
-OWN_LOGGERS = ("dicom_node", "fusion")
+OWN_LOGGERS = ("dicom_node", "fusion", "fusion_demo")
 
 #: a quoted literal in an exception text or a library message: 'x', "x", b'x' (values are quoted there)
 _QUOTED = re.compile(r"(?<![A-Za-z0-9])b?(?:'(?:[^'\\\n]|\\.)*'" + r'|"(?:[^"\\\n]|\\.)*")')
@@ -150,31 +150,9 @@ class _CurrentStderr(logging.StreamHandler[TextIO]):
 def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route our loggers (and the DICOM libraries' warnings) to one JSON stream (stderr by default).
 
-    pydicom's ``warnings`` (e.g. "Invalid value for VR ...") quote element values,
-    which can be patient names; they are silenced here for the same reason.
+    What the tests and the embedded demo call: :func:`configure` with the JSON format.
     """
-    import warnings
-
-    # imported first: pydicom resets its logger's level when it is imported, and would otherwise do
-    # so after this setup; the filter below makes their records safe whatever the order anyway
-    import pydicom  # noqa: F401  # imported for its side effect on the "pydicom" logger
-    import pynetdicom  # noqa: F401  # likewise for "pynetdicom"
-
-    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(_LibraryFilter())
-    for name, lvl in [("fusion", level), ("dicom_node", level), *_LIBRARY_LEVELS.items()]:
-        log = logging.getLogger(name)
-        log.handlers[:] = [handler]
-        log.setLevel(lvl.upper())
-        log.propagate = False
-    # every other library's records (propagating to the root) go the same safe way, not to lastResort
-    # (other handlers on the root, e.g. a test runner's, are left alone; an earlier setup's is replaced)
-    handler._dicom_node = True  # type: ignore[attr-defined]  # marks the handlers setup() installed
-    root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_dicom_node", False)] + [handler]
-    root.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    configure(level, "json", stream=stream)
 
 
 def set_level(level: str) -> None:
@@ -193,51 +171,9 @@ def fields(**kw: Any) -> dict[str, dict[str, Any]]:
 # Additive to the JSON formatter above: ``configure`` is what the command line calls (``setup``
 # stays as it is for the tests and the embedded demo).
 
-#: our own packages: their messages start with an event name; anything else is a library's record
-_OWN_PACKAGES = ("fusion", "dicom_node", "fusion_demo")
 #: libraries whose records are routed to the node's handlers even though nothing logs through them
 #: on purpose: the HTTP server's error log (its access log repeats what the node logs itself)
 _ROUTED_LIBRARIES = {"uvicorn": "WARNING", "uvicorn.error": "WARNING", "uvicorn.access": "WARNING"}
-
-
-def is_library_record(record: logging.LogRecord) -> bool:
-    """A record from a logger outside our packages (pynetdicom, pydicom, uvicorn, httpx ...)."""
-    return record.name.split(".")[0] not in _OWN_PACKAGES
-
-
-def library_event(record: logging.LogRecord) -> str:
-    """The stable event name of a third-party record: ``lib.<top-level package>``.
-
-    A library's message is free text that may quote element values (names,
-    IDs); its first word is no event name ("Unknown", "TCP", "Association").
-    So the event is named for the library and the level, as :class:`_LibraryFilter`
-    names it, and the message itself is dropped.
-    """
-    return f"lib.{record.name.split('.')[0] or 'root'}.{record.levelname.lower()}"
-
-
-def library_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """What may be kept of a third-party record: where it came from, never its text or arguments."""
-    doc: dict[str, Any] = {"source": f"{record.module}:{record.funcName}:{record.lineno}"}
-    if record.exc_info and record.exc_info[0] is not None:
-        doc["error_type"] = record.exc_info[0].__name__
-    return doc
-
-
-class OperatorJsonFormatter(JsonFormatter):
-    """The JSON formatter with third-party records named ``lib.<package>.<level>`` and stripped of their text."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if not is_library_record(record):
-            return super().format(record)
-        doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": library_event(record),
-            **library_fields(record),
-        }
-        return json.dumps(doc, default=str)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -249,17 +185,16 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        if is_library_record(record):
-            event, detail, extra = library_event(record), "", library_fields(record)
-        else:
-            event, _, detail = record.getMessage().partition(" ")
-            extra = dict(getattr(record, "fields", {}) or {})
+        if not _is_own(record.name):
+            _LibraryFilter.redact(record)  # as the JSON formatter does; the handler's filter already has
+        event, _, detail = record.getMessage().partition(" ")
+        extra = dict(getattr(record, "fields", {}) or {})
         parts = [stamp, f"{record.levelname:<7s}", event]
         if detail:
             parts.append(detail)
         parts += [f"{k}={_console_value(v)}" for k, v in extra.items()]
         line = " ".join(parts)
-        if record.exc_info and not is_library_record(record):
+        if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
@@ -290,18 +225,19 @@ def configure(level: str = "INFO", fmt: str = "auto", *, file: Path | None = Non
     import warnings
     from logging.handlers import RotatingFileHandler
 
-    # imported first, as in setup(): pydicom resets its logger's level when imported
+    # imported first: pydicom resets its logger's level when it is imported, and would otherwise do
+    # so after this; the filter makes their records safe whatever the order anyway
     import pydicom  # noqa: F401  # imported for its side effect on the "pydicom" logger
     import pynetdicom  # noqa: F401  # likewise for "pynetdicom"
 
     handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
-    handler.setFormatter(ConsoleFormatter() if choose_format(fmt, stream) == "console" else OperatorJsonFormatter())
+    handler.setFormatter(ConsoleFormatter() if choose_format(fmt, stream) == "console" else JsonFormatter())
     handlers: list[logging.Handler] = [handler]
     if file is not None:
         file = Path(file)
         file.parent.mkdir(parents=True, exist_ok=True)
         rotating = RotatingFileHandler(file, maxBytes=file_max_bytes, backupCount=file_backup_count, encoding="utf-8")
-        rotating.setFormatter(OperatorJsonFormatter())
+        rotating.setFormatter(JsonFormatter())
         handlers.append(rotating)
     levels = [("fusion", level), ("dicom_node", level),
               *_LIBRARY_LEVELS.items(), *_ROUTED_LIBRARIES.items()]
