@@ -11,7 +11,7 @@ rule of the same pairs, and the margin of every bar (docs/fidelity.md).  Tuning 
 only the pairs with index % 4 == 0 (``--pairs tune``, the default); ``--pairs held``
 reports a chosen variant on the others.  VIF (~0.7 s a slice) is computed on every
 ``--vif-every``-th of the selected pairs only.  Numbers and the conclusion drawn from
-them: docs/fidelity.md, "Variants tried".
+them: docs/faithful-tuning.md.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def scores(f01: np.ndarray, a: np.ndarray, b: np.ndarray, subset: str, vif_every
     return out
 
 
-#: the candidates of docs/fidelity.md, "Variants tried"; any other: ``--config lam=0.3,weight=soft``
+#: the candidates of docs/faithful-tuning.md; any other: ``--config lam=0.3,weight=soft``
 CONFIGS: dict[str, Variant] = {
     "current": Variant(),
     "lam 0.03": Variant(lam=0.03),
