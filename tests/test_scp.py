@@ -355,7 +355,7 @@ def test_unexpected_handler_error_answers_cannot_understand(server, tmp_path, mo
     def boom(*a, **kw):
         raise RuntimeError("bug (simulated)")
 
-    monkeypatch.setattr(scp_mod.validation, "validate_instance", boom)
+    monkeypatch.setattr(scp_mod.validation, "check_instance", boom)
     assert scu_send(server, make_image(), CTImageStorage) == STATUS_CANNOT_UNDERSTAND
     monkeypatch.undo()
     _still_serving(server, tmp_path)

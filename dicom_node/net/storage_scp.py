@@ -278,12 +278,15 @@ class StorageService:
             except OSError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "cannot write temporary file",
                                     f"{exc}; check free space under {self.store.root}", sop_uid, calling_ae)
-            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID),
-                                                  str(_c_store(event).AffectedSOPInstanceUID), self.gate)
+            intake = validation.check_instance(tmp, str(event.request.AffectedSOPClassUID),
+                                               str(_c_store(event).AffectedSOPInstanceUID), self.gate)
+            problem = intake.problem
             if problem is not None:
                 return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
             try:
-                result = self.store.store_received(tmp, calling_ae, called_ae=called_ae(event.assoc))
+                # the header the check read is the one indexed: the file is parsed once
+                result = self.store.store_received(tmp, calling_ae, called_ae=called_ae(event.assoc),
+                                                   header=intake.header)
             except StoreError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "store failed", str(exc), sop_uid, calling_ae)
             except InvalidInstanceError as exc:
