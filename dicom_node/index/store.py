@@ -304,13 +304,19 @@ class Store:
             raise StoreError(f"cannot prepare the store under {self.root} (database {self.db_path}): {db.error_text(exc)}; "
                              "check permissions, free space and that the database server is reachable") from exc
 
+    @staticmethod
+    def sync_file(path: Path) -> int:
+        """fsync a file written for :meth:`store_received` and return its size (for its ``synced``)."""
+        return _fsync_file(path)
+
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return Path("instances") / study_uid / series_uid / f"{sop_instance_uid}.dcm"
 
     # -- writing ----------------------------------------------------------------------
 
     def store_received(self, tmp_path: Path, calling_ae: str, origin: str = "received", *,
-                       called_ae: str | None = None, header: Dataset | None = None) -> StoreResult:
+                       called_ae: str | None = None, header: Dataset | None = None,
+                       synced: Callable[[], int] | None = None) -> StoreResult:
         """Move a complete Part-10 file into the store and index it; idempotent on SOP Instance UID.
 
         ``tmp_path`` should lie under :attr:`tmp_dir` (same filesystem).  The
@@ -321,7 +327,11 @@ class Store:
         ``called_ae`` is the Called AE Title it was sent to; a duplicate keeps
         the one of its first arrival.  ``header`` is the file's header when the
         caller has read it already (the intake check did, stopped before the
-        pixels): the file is then not parsed a second time.
+        pixels): the file is then not parsed a second time.  ``synced`` waits for
+        an fsync of the file the caller started earlier (:meth:`sync_file`, on
+        another thread while it checked the file) and returns the file's size;
+        without it the file is fsynced here.  Either way it is durable before
+        it is renamed into place.
         """
         if origin not in ("received", "derived"):
             raise ValueError("origin is 'received' or 'derived'")
@@ -347,16 +357,18 @@ class Store:
         # every value the index takes, read now: a value the header deferred is read from the file, still here
         values = _index_values(ds)
 
-        # Fast path: a re-send of a stored instance needs no write lock at all.
+        # Fast path: a re-send of a stored instance needs no write lock at all.  Only looked up when its file
+        # is there (every indexed instance has its file); the check under the write lock below decides.
         try:
-            if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
+            if final.exists() and conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                                               (sop_uid,)).fetchone():
                 return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
                                                values["patient_id"])
         except db.Error as exc:
             raise StoreError(f"index lookup failed: {db.error_text(exc)}; check the database {self.db_path}") from exc
 
         try:
-            size = _fsync_file(tmp_path)  # the slow part, done before taking the write lock
+            size = synced() if synced is not None else _fsync_file(tmp_path)  # slow: before taking the write lock
             _make_dirs(final.parent)
         except OSError as exc:
             raise StoreError(f"cannot write {final.parent}: {exc}; check free space and permissions under {self.root}") from exc
