@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 from dicom_helpers import make_image, write
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.dicom import validation
-from dicom_node.index.store import Store, StoreError
+from dicom_node.index import store as store_mod
+from dicom_node.index.store import INDEXED_KEYWORDS, Store, StoreError
 
 
 @pytest.fixture
@@ -22,23 +24,48 @@ def store(tmp_path, db_location) -> Store:
     return s
 
 
-def test_header_of_the_check_indexes_what_a_fresh_read_does(store):
-    # a value the check's header defers (over 64 KiB: implicit VR allows that length) is read from the
-    # file before it moves
-    long_description = "X" * (70 * 1024)
-    ds = make_image(StudyDescription=long_description, SeriesDescription="AX", ImagesInAcquisition=7)
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    tmp = write(ds, store.new_tmp_path())
-    intake = validation.check_instance(tmp, ds.SOPClassUID, ds.SOPInstanceUID)
+def _check(path, ds):
+    return validation.check_instance(path, ds.SOPClassUID, ds.SOPInstanceUID, keywords=INDEXED_KEYWORDS)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_header_of_the_check_holds_what_the_index_reads(tmp_path, syntax):
+    # the check reads only some values (at the walked offsets); they must be what dcmread gives, charset included
+    ds = make_image(StudyDescription="Kopf \xe4\xf6\xfc", SeriesDescription="AX", ImagesInAcquisition=7,
+                    BodyPartExamined="HEAD", SeriesNumber=3, instance_number=12)
+    ds.PatientName = "M\xfcller^J\xf6rg"
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = write(ds, tmp_path / "a.dcm")
+    intake = _check(path, ds)
     assert intake.problem is None and intake.header is not None
-    assert intake.header.get_item("StudyDescription", keep_deferred=True).value is None  # deferred: not read yet
-    result = store.store_received(tmp, "MODALITY", header=intake.header)
-    assert not result.duplicate and result.path.is_file() and not tmp.exists()
-    series = store.get_series(ds.SeriesInstanceUID)
-    assert series.study_description == long_description
-    assert (series.series_description, series.announced_count, series.patient_id) == ("AX", 7, "TEST-PATIENT")
-    (inst,) = store.instances(ds.SeriesInstanceUID)
-    assert (inst.rows, inst.columns, inst.size_bytes) == (16, 16, result.path.stat().st_size)
+    full = dcmread(path, stop_before_pixels=True)
+    assert store_mod._index_values(intake.header) == store_mod._index_values(full)
+    assert store_mod._index_values(full)["patient_name"] == "M\xfcller^J\xf6rg"
+    assert intake.header.file_meta.TransferSyntaxUID == syntax
+
+
+@pytest.mark.data
+def test_header_of_the_check_holds_what_the_index_reads_real_ct(cirs_dir):
+    for path in sorted((cirs_dir / "CT").iterdir())[:3]:
+        full = dcmread(path, stop_before_pixels=True)
+        intake = _check(path, full)
+        assert intake.problem is None and intake.header is not None
+        assert store_mod._index_values(intake.header) == store_mod._index_values(full)
+
+
+def test_store_from_the_checks_header_indexes_like_a_fresh_read(store):
+    rows = []
+    for header in (True, False):
+        ds = make_image(StudyDescription="HEAD", SeriesDescription="AX", ImagesInAcquisition=7)
+        tmp = write(ds, store.new_tmp_path())
+        intake = _check(tmp, ds)
+        result = store.store_received(tmp, "MODALITY", header=intake.header if header else None)
+        assert not result.duplicate and result.path.is_file() and not tmp.exists()
+        series = store.get_series(ds.SeriesInstanceUID)
+        (inst,) = store.instances(ds.SeriesInstanceUID)
+        rows.append((series.study_description, series.series_description, series.announced_count,
+                     series.patient_id, series.patient_name, inst.rows, inst.columns, inst.transfer_syntax_uid))
+    assert rows[0] == rows[1] and rows[0][0] == "HEAD"
 
 
 def test_refused_or_deflated_files_hand_no_header_to_the_store(tmp_path):

@@ -11,8 +11,9 @@ memory bound: the file size, then the element stream (headers only,
 header (``frames``), and only then the decoders, at most
 ``limits.decode_concurrency`` at once (:class:`DecodeGate`).
 
-Each file is parsed once: :func:`check_instance` hands the header it read
-(stop before the pixels) to the caller, which indexes from it
+Each file is parsed once, by the walk: the values the checks and the index
+need are read at the offsets it found (:func:`_header`, not ``dcmread``),
+:func:`check_instance` hands them to the caller, which indexes from them
 (``Store.store_received(header=...)``), and the decoders read the pixels at the
 offset the walk found, with the options taken from that same header, instead
 of parsing the file again (what ``pydicom.pixels.iter_pixels(path)`` would do).
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, TypeVar
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomFileLike
@@ -38,6 +42,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -99,9 +104,10 @@ class Problem:
 class Intake:
     """The verdict on a received file, and the header it was judged on.
 
-    ``header`` is the dataset as read from the received file itself (stopped
-    before the pixels; values over 64 KiB deferred, read from the file when
-    asked for): the store indexes from it instead of reading the file again.
+    ``header`` is the dataset as read from the received file itself: only
+    the attributes the checks read and the ``keywords`` the caller asked for
+    (:func:`check_instance`), with the File Meta; the store indexes from it
+    instead of reading the file again.
     None when the file was refused, or when what was checked is not the file
     as received (a Deflated syntax is checked on its inflated copy).
     """
@@ -158,14 +164,18 @@ def validate_instance(path: Path, affected_sop_class: str, affected_sop_instance
 
 
 def check_instance(path: Path, affected_sop_class: str, affected_sop_instance: str,
-                   gate: DecodeGate | None = None) -> Intake:
-    """:func:`validate_instance`, with the header it read for the store (:class:`Intake`)."""
+                   gate: DecodeGate | None = None, keywords: frozenset[str] = frozenset()) -> Intake:
+    """:func:`validate_instance`, with the header it read for the caller (:class:`Intake`).
+
+    The header holds the attributes the checks read, plus ``keywords`` (the
+    store's :data:`dicom_node.index.store.INDEXED_KEYWORDS`), where present.
+    """
     gate = gate or DecodeGate(LimitsConfig())
     path = Path(path)
     inflated: Path | None = None
     try:
         body, inflated = _body(path, gate.limits)
-        problem, header = _validate(body, affected_sop_class, affected_sop_instance, gate)
+        problem, header = _validate(body, affected_sop_class, affected_sop_instance, gate, keywords)
         return Intake(problem, header if problem is None and inflated is None else None)
     except _Refused as refused:
         return Intake(refused.problem)
@@ -229,15 +239,15 @@ def _inflate(src_path: Path, start: int, dest: Path, limit: int) -> None:
             raise _Refused(UNDECODABLE, "deflated dataset is truncated", "the deflate stream has no end")
 
 
-def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate) -> tuple[Problem | None, Dataset]:
+def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate,
+              keywords: frozenset[str]) -> tuple[Problem | None, Dataset]:
     size = path.stat().st_size
     with open(path, "rb") as fp:
         start, meta = dataset_start(fp, size)
         tsyntax = _transfer_syntax(meta)
         layout = walk(fp, start, size, little=tsyntax.is_little_endian, implicit=tsyntax.is_implicit_VR)
         _check_vrs(layout, fp)
-    # large values (a hostile private OB before the pixels) stay on disk: deferred, never read
-    ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 16)
+        ds = _header(path, fp, layout, tsyntax, _HEADER_TAGS | _tags(keywords))
     values = {kw: ds.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         try:
@@ -267,6 +277,52 @@ def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate) -
                            f"pixel data has {pixel.length} bytes, the image geometry needs {expected}"), ds
     gate.run(_decode_all, path, geometry, _pixel_options(ds, tsyntax, pixel), pixel.value_offset)
     return None, ds
+
+
+#: the attributes the checks read (the UIDs, the Image Pixel module, the offset tables) and the character set
+_HEADER_TAGS: Final = frozenset({
+    0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E,
+    0x00280002, 0x00280004, 0x00280006, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00280101,
+    0x00280102, 0x00280103, 0x7FE00001, 0x7FE00002,
+})
+
+
+def _tags(keywords: frozenset[str]) -> frozenset[int]:
+    tags = {tag_for_keyword(kw) for kw in keywords}
+    if None in tags:
+        raise ValueError(f"not DICOM keywords: {sorted(kw for kw in keywords if tag_for_keyword(kw) is None)}")
+    return frozenset(t for t in tags if t is not None)
+
+
+def _header(path: Path, fp: BinaryIO, layout: Layout, tsyntax: UID, tags: frozenset[int]) -> Dataset:
+    """The dataset's ``tags`` (those present), as pydicom would read them, from the offsets the walk found.
+
+    Only these values are read: the rest of the header, a hostile private
+    value included, stays on disk, and the ~200 other elements of a CT header
+    cost nothing (``dcmread`` parses each).  The elements are pydicom's own
+    raw elements, converted on access as a ``dcmread`` dataset's are.  A
+    wanted element of undefined length (a sequence where a value belongs)
+    leaves the judgement to ``dcmread`` itself.
+    """
+    implicit, little = tsyntax.is_implicit_VR, tsyntax.is_little_endian
+    raws: dict[BaseTag, RawDataElement] = {}
+    for tag in sorted(tags):
+        el = layout.elements.get(tag)
+        if el is None:
+            continue
+        if el.length == UNDEFINED:
+            ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 16)
+            return ds
+        fp.seek(el.value_offset)
+        raws[BaseTag(tag)] = RawDataElement(BaseTag(tag), el.vr, el.length, fp.read(el.length), el.value_offset,
+                                            implicit, little)
+    ds = Dataset(raws)
+    charset = raws.get(BaseTag(0x00080005))
+    encoding = (convert_encodings(convert_raw_data_element(charset).value) if charset is not None
+                else default_encoding)
+    ds.set_original_encoding(implicit, little, encoding)
+    ds.file_meta = read_file_meta_info(path)
+    return ds
 
 
 def _check_vrs(layout: Layout, fp: BinaryIO) -> None:

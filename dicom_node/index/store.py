@@ -163,6 +163,14 @@ _STUDY_KEYWORDS: dict[str, str] = {
     "referring_physician_name": "ReferringPhysicianName", "specific_character_set": "SpecificCharacterSet",
 }
 
+#: every header attribute :meth:`Store.store_received` reads: what a caller's ``header`` must hold where present
+INDEXED_KEYWORDS: frozenset[str] = frozenset({
+    *_STUDY_KEYWORDS.values(), "Modality", "SeriesDescription", "SeriesNumber", "SeriesDate", "SeriesTime",
+    "FrameOfReferenceUID", "BodyPartExamined", "ImagesInAcquisition", "InstanceNumber", "Rows", "Columns",
+    "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+})
+
+
 def _index_values(ds: Dataset) -> dict[str, Any]:
     """Every header value the index rows take, read at once (before the file is moved: deferred values are read)."""
     values: dict[str, Any] = {col: _text(ds, kw) for col, kw in _STUDY_KEYWORDS.items()}
@@ -326,8 +334,9 @@ class Store:
         and :class:`StoreError` when the disk or the index fails.
         ``called_ae`` is the Called AE Title it was sent to; a duplicate keeps
         the one of its first arrival.  ``header`` is the file's header when the
-        caller has read it already (the intake check did, stopped before the
-        pixels): the file is then not parsed a second time.  ``synced`` waits for
+        caller has read it already (the intake check did; it must hold
+        :data:`INDEXED_KEYWORDS` where the file has them, and the File Meta):
+        the file is then not parsed a second time.  ``synced`` waits for
         an fsync of the file the caller started earlier (:meth:`sync_file`, on
         another thread while it checked the file) and returns the file's size;
         without it the file is fsynced here.  Either way it is durable before

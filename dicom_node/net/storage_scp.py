@@ -53,7 +53,7 @@ from dicom_node.config import LimitsConfig
 from dicom_node.dicom import validation
 from dicom_node.dicom.uids import UID_PATTERN
 from dicom_node.index.disk import DiskGuard
-from dicom_node.index.store import InvalidInstanceError, Store, StoreError
+from dicom_node.index.store import INDEXED_KEYWORDS, InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
 from dicom_node.net import spool, statuses
 from dicom_node.net.association import called_ae
@@ -313,7 +313,8 @@ class StorageService:
             # the file's fsync (disk) runs while it is checked (CPU); the store waits for it before the rename
             synced = self._syncs.submit(self.store.sync_file, tmp)
             intake = validation.check_instance(tmp, str(event.request.AffectedSOPClassUID),
-                                               str(_c_store(event).AffectedSOPInstanceUID), self.gate)
+                                               str(_c_store(event).AffectedSOPInstanceUID), self.gate,
+                                               INDEXED_KEYWORDS)
             problem = intake.problem
             if problem is not None:
                 return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
