@@ -11,6 +11,13 @@ Datasets are never held whole in memory: pynetdicom writes each incoming
 dataset to a temporary file while it arrives (``<root>/tmp/spool``, ``spool.py``); the handler copies it behind our
 own File Meta Information into the store's ``tmp`` folder and hands that file
 to the store.
+
+Each instance is read once (docs/ingest.md): the file's fsync starts on a
+thread of its own as soon as it is written and runs while the intake check
+reads it (CPU against disk); the check hands the header values it read to the
+store, which indexes from them and renames the file only once that fsync has
+returned, then fsyncs the folder and commits the row.  Success still comes
+after all four.
 """
 
 from __future__ import annotations
