@@ -181,8 +181,8 @@ def wait_started(log: Path, node: subprocess.Popen, timeout: float = 120.0) -> N
 
 def noop_scp(port: int) -> None:
     """A pynetdicom AE configured as the node's listener is, whose C-STORE handler does nothing (``--noop-scp``)."""
-    from pynetdicom import AE, _config, evt
     from pydicom.uid import CTImageStorage
+    from pynetdicom import AE, _config, evt
 
     from dicom_node.net.association import no_delay
     from dicom_node.net.listener import RECEIVE_PDU_BYTES

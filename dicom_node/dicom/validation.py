@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomFileLike
@@ -305,19 +305,20 @@ def _header(path: Path, fp: BinaryIO, layout: Layout, tsyntax: UID, tags: frozen
     leaves the judgement to ``dcmread`` itself.
     """
     implicit, little = tsyntax.is_implicit_VR, tsyntax.is_little_endian
-    raws: dict[BaseTag, RawDataElement] = {}
+    raws: dict[BaseTag, DataElement | RawDataElement] = {}
+    charset: RawDataElement | None = None
     for tag in sorted(tags):
         el = layout.elements.get(tag)
         if el is None:
             continue
         if el.length == UNDEFINED:
-            ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 16)
-            return ds
+            return dcmread(path, stop_before_pixels=True, defer_size=1 << 16)
         fp.seek(el.value_offset)
-        raws[BaseTag(tag)] = RawDataElement(BaseTag(tag), el.vr, el.length, fp.read(el.length), el.value_offset,
-                                            implicit, little)
+        raw = RawDataElement(BaseTag(tag), el.vr, el.length, fp.read(el.length), el.value_offset, implicit, little)
+        raws[raw.tag] = raw
+        if tag == 0x00080005:
+            charset = raw
     ds = Dataset(raws)
-    charset = raws.get(BaseTag(0x00080005))
     encoding = (convert_encodings(convert_raw_data_element(charset).value) if charset is not None
                 else default_encoding)
     ds.set_original_encoding(implicit, little, encoding)
