@@ -21,6 +21,7 @@ of parsing the file again (what ``pydicom.pixels.iter_pixels(path)`` would do).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -287,7 +288,9 @@ _HEADER_TAGS: Final = frozenset({
 })
 
 
+@functools.lru_cache(maxsize=16)
 def _tags(keywords: frozenset[str]) -> frozenset[int]:
+    """The tags of ``keywords`` (the same few sets every time: looked up once)."""
     tags = {tag_for_keyword(kw) for kw in keywords}
     if None in tags:
         raise ValueError(f"not DICOM keywords: {sorted(kw for kw in keywords if tag_for_keyword(kw) is None)}")
