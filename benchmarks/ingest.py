@@ -15,7 +15,19 @@ In one run, on the file system of the node's store:
 - **node, K associations**: K storescu processes at once, each sending its own
   copy of the series (new UIDs), so K series arrive in parallel;
 - **storescp**: DCMTK's storescp on the same machine (no fsync), the network
-  and DICOM parsing alone.
+  and DICOM parsing alone;
+- **pynetdicom, no-op handler**: a pynetdicom AE set up as the node's
+  listener is (datasets spooled to a file, 128 KiB PDUs, TCP_NODELAY) whose
+  C-STORE handler only answers Success: what receiving costs in pynetdicom
+  before the node does anything, the node's own ceiling in this process model;
+- ``--baseline TREE``: the node of another checkout (e.g. the previous
+  release, ``git archive``), measured in the same run, for before/after.
+
+The node is sent to once its start-up self-check has finished
+(``selfcheck.done`` in its log): the rate of a running node, not of one still
+importing its fusion stack.  The storescp and no-op rows are timed from
+storescu's start to its end (association included); the node's from its
+first to its last instance indexed.
 
 DCMTK (3.6.7 on Debian) leaves Nagle's algorithm on unless ``TCP_NODELAY=1``
 is in its environment: without it every C-STORE on loopback waits ~40 ms for
@@ -78,6 +90,12 @@ def ceiling(files: list[Path], work: Path) -> float:
     return len(blobs) / (time.perf_counter() - t0)
 
 
+def ceiling_once(files: list[Path], work: Path) -> float:
+    rate = ceiling(files, work / "ceiling")
+    shutil.rmtree(work / "ceiling")
+    return rate
+
+
 def copies(series: Path, out: Path, n: int) -> list[Path]:
     """``n`` copies of the series with new Series/SOP Instance UIDs (one study), so each counts as new."""
     import pydicom
@@ -98,8 +116,8 @@ def copies(series: Path, out: Path, n: int) -> list[Path]:
     return folders
 
 
-def node_rate(work: Path, folders: list[Path], url: str = "") -> float:
-    """images/s of a node receiving ``folders`` over one association each, all at once."""
+def node_rate(work: Path, folders: list[Path], url: str = "", tree: Path = REPO) -> float:
+    """images/s of a node (the one in ``tree``) receiving ``folders`` over one association each, all at once."""
     port = free_port()
     root = work / f"node-{uuid.uuid4().hex[:6]}"
     root.mkdir()
@@ -120,9 +138,10 @@ quiet_seconds = 3600
 """)
     log = open(root / "node.log", "w")
     node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-                            env=child_environment(REPO), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                            env=child_environment(tree), cwd=tree, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_listening(port, node)
+        wait_started(root / "node.log", node)
         senders = [subprocess.Popen([dcmtk("storescu"), "-aet", "SCANNER", "-aec", "FUSIONNODE", "+sd",
                                      "127.0.0.1", str(port), str(f)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, env=DCMTK_ENV) for f in folders]
@@ -150,6 +169,50 @@ quiet_seconds = 3600
         log.close()
 
 
+def wait_started(log: Path, node: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Until the node has logged the end of its start-up self-check (it imports the fusion stack meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and node.poll() is None:
+        if "selfcheck.done" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the node did not finish its self-check in {timeout} s:\n{log.read_text()[-2000:]}")
+
+
+def noop_scp(port: int) -> None:
+    """A pynetdicom AE configured as the node's listener is, whose C-STORE handler does nothing (``--noop-scp``)."""
+    from pydicom.uid import CTImageStorage
+    from pynetdicom import AE, _config, evt
+
+    from dicom_node.net.association import no_delay
+    from dicom_node.net.listener import RECEIVE_PDU_BYTES
+    from dicom_node.net.storage_scp import STORAGE_TRANSFER_SYNTAXES
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    ae = AE(ae_title="NOOP")
+    ae.maximum_pdu_size = RECEIVE_PDU_BYTES
+    ae.add_supported_context(CTImageStorage, list(STORAGE_TRANSFER_SYNTAXES))
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_ACCEPTED, lambda event: no_delay(event.assoc))])
+
+
+def noop_rate(folder: Path) -> float:
+    """images/s of storescu -> :func:`noop_scp` in its own process."""
+    port = free_port()
+    scp = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(port)], env=child_environment(REPO),
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, scp)
+        n = len(list(folder.iterdir()))
+        t0 = time.perf_counter()
+        subprocess.run([dcmtk("storescu"), "-aec", "NOOP", "+sd", "127.0.0.1", str(port), str(folder)], check=True,
+                       capture_output=True, timeout=600, env=DCMTK_ENV)
+        return n / (time.perf_counter() - t0)
+    finally:
+        scp.kill()
+        scp.wait(10)
+
+
 def storescp_rate(work: Path, folder: Path) -> float:
     port = free_port()
     out = work / f"scp-{uuid.uuid4().hex[:6]}"
@@ -175,10 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="sqlite")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "ingest.md")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout of the node, measured in the same run (before/after)")
+    ap.add_argument("--noop-scp", type=int, default=None, help=argparse.SUPPRESS)  # the child of noop_rate
     args = ap.parse_args(argv)
+    if args.noop_scp is not None:
+        noop_scp(args.noop_scp)
+        return 0
 
+    load_before = _load()
     work = Path(tempfile.mkdtemp(prefix="fusion-ingest-"))
-    rows: list[str] = []
+    rows: list[dict[str, float]] = []
+    spread: list[float] = []
     try:
         folders = copies(args.series, work / "input", max(args.associations))
         files = sorted(folders[0].iterdir())
@@ -190,14 +261,22 @@ def main(argv: list[str] | None = None) -> int:
             pg = PostgresServer(durable=True).start()
         try:
             for _ in range(args.repeat):
-                c = ceiling(files, work / "ceiling")
-                shutil.rmtree(work / "ceiling")
-                line = {"ceiling": c, "storescp": storescp_rate(work, folders[0])}
+                # the disk's fsync time varies by 10x within minutes here (other tenants' writes): the ceiling
+                # is measured before, between and after the receivers, and its median taken
+                ceilings = [ceiling_once(files, work)]
+                line = {"ceiling": 0.0, "storescp": storescp_rate(work, folders[0]), "noop": noop_rate(folders[0])}
+                ceilings.append(ceiling_once(files, work))
+                trees = [("", REPO)] + ([("baseline ", args.baseline.resolve())] if args.baseline else [])
                 for engine in engines:
                     for k in args.associations:
-                        url = pg.create_database() if engine == "postgresql" and pg else ""
-                        line[f"{engine}-{k}"] = node_rate(work, folders[:k], url)
-                print({key: round(v, 1) for key, v in line.items()}, flush=True)
+                        for label, tree in trees:
+                            url = pg.create_database() if engine == "postgresql" and pg else ""
+                            line[f"{label}{engine}-{k}"] = node_rate(work, folders[:k], url, tree)
+                ceilings.append(ceiling_once(files, work))
+                line["ceiling"] = statistics.median(ceilings)
+                spread.extend(ceilings)
+                print({key: round(v, 1) for key, v in line.items()}, "ceilings:", [round(c) for c in ceilings],
+                      flush=True)
                 rows.append(line)
         finally:
             if pg is not None:
@@ -210,16 +289,29 @@ def main(argv: list[str] | None = None) -> int:
     table = [f"| what | images/s (median of {len(rows)}) | ratio to the ceiling |", "|---|---|---|"]
     for k in keys:
         engine, _, k_assoc = k.partition("-")
+        who = "node"
+        if engine.startswith("baseline "):
+            who, engine = f"baseline node ({args.baseline.name})", engine.removeprefix("baseline ")
         label = {"ceiling": "durable-write ceiling (write, fsync, rename, dir fsync)",
-                 "storescp": "DCMTK storescp, no fsync"}.get(k, f"node, {engine}, {k_assoc} association(s)")
+                 "storescp": "DCMTK storescp, no fsync",
+                 "noop": "pynetdicom as the node's listener, no-op handler, no fsync",
+                 }.get(k, f"{who}, {engine}, {k_assoc} association(s)")
         table.append(f"| {label} | {med[k]:.1f} | {med[k] / med['ceiling']:.2f} |")
     heading = (f"\n### Measured {time.strftime('%Y-%m-%d')}: {n} instances of {args.series.name} "
                f"({sum(p.stat().st_size for p in args.series.iterdir()) / n / 1024:.0f} KiB each), "
                f"{os.cpu_count()} cores\n\n")
     command = (f"\n\n`python benchmarks/ingest.py --repeat {args.repeat} --associations "
-               f"{' '.join(map(str, args.associations))} --database {args.database}`\n")
+               f"{' '.join(map(str, args.associations))} --database {args.database}"
+               f"{f' --baseline {args.baseline}' if args.baseline else ''}`; "
+               f"load average before/after: {load_before} / {_load()}; the ceiling ranged "
+               f"{min(spread):.0f}-{max(spread):.0f} images/s over the run's {len(spread)} measurements\n")
     append_section(args.out, "# Ingest: the node against the durable-write ceiling\n", heading + "\n".join(table) + command)
     return 0
+
+
+def _load() -> str:
+    """The 1-minute load average (the machine is shared: a figure only means something beside it)."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 if __name__ == "__main__":

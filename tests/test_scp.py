@@ -5,6 +5,8 @@ Every test runs its own server on a free loopback port with a store in tmp_path.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import struct
 import subprocess
@@ -355,7 +357,7 @@ def test_unexpected_handler_error_answers_cannot_understand(server, tmp_path, mo
     def boom(*a, **kw):
         raise RuntimeError("bug (simulated)")
 
-    monkeypatch.setattr(scp_mod.validation, "validate_instance", boom)
+    monkeypatch.setattr(scp_mod.validation, "check_instance", boom)
     assert scu_send(server, make_image(), CTImageStorage) == STATUS_CANNOT_UNDERSTAND
     monkeypatch.undo()
     _still_serving(server, tmp_path)
@@ -392,3 +394,44 @@ def _still_serving(server: RunningSCP, tmp_path: Path) -> None:
 
 def test_dcmtk_present():
     assert Path(dcmtk("storescu")).is_absolute()
+
+
+def test_success_only_after_fsync_rename_dir_fsync_and_commit(server, monkeypatch):
+    """The order behind Success, with the file's fsync overlapped with its intake check (storage_scp._store).
+
+    Every fsync, rename and commit the store makes is recorded; the C-STORE
+    answers Success only after the file was fsynced before its rename, its
+    folder after it, and the row committed last.
+    """
+    from dicom_node.index import db as db_mod
+    from dicom_node.index import store as store_mod
+
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_tx = store_mod.os.fsync, store_mod.os.replace, db_mod.Database.transaction
+
+    def fsync(fd):
+        real_fsync(fd)
+        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def replace(src, dst):
+        steps.append(("rename", str(src)))
+        real_replace(src, dst)
+
+    @contextlib.contextmanager
+    def transaction(self, *a, **kw):
+        with real_tx(self, *a, **kw) as tx:
+            yield tx
+        steps.append(("commit", ""))
+
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    monkeypatch.setattr(store_mod.os, "replace", replace)
+    monkeypatch.setattr(db_mod.Database, "transaction", transaction)
+    ds = make_image(rows=64, columns=64)
+    assert scu_send(server, ds, CTImageStorage) == 0x0000
+    final = server.store.get_instance(ds.SOPInstanceUID).path
+    (rename,) = [i for i, (what, _) in enumerate(steps) if what == "rename"]
+    tmp = steps[rename][1]
+    assert ("fsync", tmp) in steps[:rename], steps  # the file's bytes were durable before the rename
+    assert ("fsync", str(final.parent)) in steps[rename:], steps  # then its directory entry
+    dir_sync = steps.index(("fsync", str(final.parent)), rename)
+    assert ("commit", "") in steps[dir_sync:], steps  # then the index row; Success came after all of them

@@ -10,10 +10,18 @@ memory bound: the file size, then the element stream (headers only,
 ``structure``), then the image attributes, then each compressed frame's own
 header (``frames``), and only then the decoders, at most
 ``limits.decode_concurrency`` at once (:class:`DecodeGate`).
+
+Each file is parsed once, by the walk: the values the checks and the index
+need are read at the offsets it found (:func:`_header`, not ``dcmread``),
+:func:`check_instance` hands them to the caller, which indexes from them
+(``Store.store_received(header=...)``), and the decoders read the pixels at the
+offset the walk found, with the options taken from that same header, instead
+of parsing the file again (what ``pydicom.pixels.iter_pixels(path)`` would do).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -25,11 +33,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, TypeVar
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
-from pydicom.pixels import iter_pixels
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -87,6 +101,22 @@ class Problem:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Intake:
+    """The verdict on a received file, and the header it was judged on.
+
+    ``header`` is the dataset as read from the received file itself: only
+    the attributes the checks read and the ``keywords`` the caller asked for
+    (:func:`check_instance`), with the File Meta; the store indexes from it
+    instead of reading the file again.
+    None when the file was refused, or when what was checked is not the file
+    as received (a Deflated syntax is checked on its inflated copy).
+    """
+
+    problem: Problem | None
+    header: Dataset | None = None
+
+
 class _Refused(Exception):
     def __init__(self, kind: ProblemKind, reason: str, detail: str = "") -> None:
         super().__init__(reason)
@@ -131,18 +161,29 @@ def validate_instance(path: Path, affected_sop_class: str, affected_sop_instance
     its own (``dicom_node.net.storage_scp``), a caller without one gets the
     default limits and a private gate.
     """
+    return check_instance(path, affected_sop_class, affected_sop_instance, gate).problem
+
+
+def check_instance(path: Path, affected_sop_class: str, affected_sop_instance: str,
+                   gate: DecodeGate | None = None, keywords: frozenset[str] = frozenset()) -> Intake:
+    """:func:`validate_instance`, with the header it read for the caller (:class:`Intake`).
+
+    The header holds the attributes the checks read, plus ``keywords`` (the
+    store's :data:`dicom_node.index.store.INDEXED_KEYWORDS`), where present.
+    """
     gate = gate or DecodeGate(LimitsConfig())
     path = Path(path)
     inflated: Path | None = None
     try:
         body, inflated = _body(path, gate.limits)
-        return _validate(body, affected_sop_class, affected_sop_instance, gate)
+        problem, header = _validate(body, affected_sop_class, affected_sop_instance, gate, keywords)
+        return Intake(problem, header if problem is None and inflated is None else None)
     except _Refused as refused:
-        return refused.problem
+        return Intake(refused.problem)
     except StructureError as exc:
-        return Problem(UNDECODABLE, "dataset is malformed", str(exc))
+        return Intake(Problem(UNDECODABLE, "dataset is malformed", str(exc)))
     except Exception as exc:  # noqa: BLE001 - a hostile dataset can make pydicom and the decoders raise anything
-        return Problem(UNDECODABLE, "dataset cannot be parsed or decoded", f"{type(exc).__name__}: {exc}")
+        return Intake(Problem(UNDECODABLE, "dataset cannot be parsed or decoded", f"{type(exc).__name__}: {exc}"))
     finally:
         if inflated is not None:
             inflated.unlink(missing_ok=True)
@@ -199,44 +240,93 @@ def _inflate(src_path: Path, start: int, dest: Path, limit: int) -> None:
             raise _Refused(UNDECODABLE, "deflated dataset is truncated", "the deflate stream has no end")
 
 
-def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate) -> Problem | None:
+def _validate(path: Path, sop_class: str, sop_instance: str, gate: DecodeGate,
+              keywords: frozenset[str]) -> tuple[Problem | None, Dataset]:
     size = path.stat().st_size
     with open(path, "rb") as fp:
         start, meta = dataset_start(fp, size)
         tsyntax = _transfer_syntax(meta)
         layout = walk(fp, start, size, little=tsyntax.is_little_endian, implicit=tsyntax.is_implicit_VR)
         _check_vrs(layout, fp)
-    # large values (a hostile private OB before the pixels) stay on disk: deferred, never read
-    ds = dcmread(path, stop_before_pixels=True, defer_size=1 << 16)
+        ds = _header(path, fp, layout, tsyntax, _HEADER_TAGS | _tags(keywords))
     values = {kw: ds.get(kw) for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         try:
             check_uid(values[kw], kw)
         except InvalidInstanceError as exc:
-            return Problem(MISMATCH, str(exc))
+            return Problem(MISMATCH, str(exc)), ds
     if str(values["SOPClassUID"] or "").strip() != str(sop_class):
-        return Problem(MISMATCH, "SOPClassUID differs from the command's Affected SOP Class UID")
+        return Problem(MISMATCH, "SOPClassUID differs from the command's Affected SOP Class UID"), ds
     if str(values["SOPInstanceUID"]).strip() != str(sop_instance):
-        return Problem(MISMATCH, "SOPInstanceUID differs from the command's Affected SOP Instance UID")
+        return Problem(MISMATCH, "SOPInstanceUID differs from the command's Affected SOP Instance UID"), ds
     pixel = layout.elements.get(PIXEL_DATA)
     if pixel is None:
         if sop_class in NON_IMAGE_SOP_CLASSES:
-            return None
-        return Problem(MISMATCH, "image without Pixel Data", "the SOP class is an image storage class")
+            return None, ds
+        return Problem(MISMATCH, "image without Pixel Data", "the SOP class is an image storage class"), ds
     geometry = _geometry(ds, gate.limits)
     if tsyntax.is_encapsulated:
         if pixel.length != UNDEFINED:
-            return Problem(UNDECODABLE, "pixel data undecodable", "encapsulated Pixel Data of defined length")
+            return Problem(UNDECODABLE, "pixel data undecodable", "encapsulated Pixel Data of defined length"), ds
         _check_frame_headers(path, pixel.value_offset, layout, tsyntax, geometry, gate)
     else:
         if pixel.length == UNDEFINED:
-            return Problem(UNDECODABLE, "pixel data undecodable", "native pixel data with undefined length")
+            return Problem(UNDECODABLE, "pixel data undecodable", "native pixel data with undefined length"), ds
         expected = geometry.native_bytes
         if pixel.length not in (expected, expected + (expected & 1)):
             return Problem(UNDECODABLE, "pixel data undecodable",
-                           f"pixel data has {pixel.length} bytes, the image geometry needs {expected}")
-    gate.run(_decode_all, path, geometry)
-    return None
+                           f"pixel data has {pixel.length} bytes, the image geometry needs {expected}"), ds
+    gate.run(_decode_all, path, geometry, _pixel_options(ds, tsyntax, pixel), pixel.value_offset)
+    return None, ds
+
+
+#: the attributes the checks read (the UIDs, the Image Pixel module, the offset tables) and the character set
+_HEADER_TAGS: Final = frozenset({
+    0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E,
+    0x00280002, 0x00280004, 0x00280006, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00280101,
+    0x00280102, 0x00280103, 0x7FE00001, 0x7FE00002,
+})
+
+
+@functools.lru_cache(maxsize=16)
+def _tags(keywords: frozenset[str]) -> frozenset[int]:
+    """The tags of ``keywords`` (the same few sets every time: looked up once)."""
+    tags = {tag_for_keyword(kw) for kw in keywords}
+    if None in tags:
+        raise ValueError(f"not DICOM keywords: {sorted(kw for kw in keywords if tag_for_keyword(kw) is None)}")
+    return frozenset(t for t in tags if t is not None)
+
+
+def _header(path: Path, fp: BinaryIO, layout: Layout, tsyntax: UID, tags: frozenset[int]) -> Dataset:
+    """The dataset's ``tags`` (those present), as pydicom would read them, from the offsets the walk found.
+
+    Only these values are read: the rest of the header, a hostile private
+    value included, stays on disk, and the ~200 other elements of a CT header
+    cost nothing (``dcmread`` parses each).  The elements are pydicom's own
+    raw elements, converted on access as a ``dcmread`` dataset's are.  A
+    wanted element of undefined length (a sequence where a value belongs)
+    leaves the judgement to ``dcmread`` itself.
+    """
+    implicit, little = tsyntax.is_implicit_VR, tsyntax.is_little_endian
+    raws: dict[BaseTag, DataElement | RawDataElement] = {}
+    charset: RawDataElement | None = None
+    for tag in sorted(tags):
+        el = layout.elements.get(tag)
+        if el is None:
+            continue
+        if el.length == UNDEFINED:
+            return dcmread(path, stop_before_pixels=True, defer_size=1 << 16)
+        fp.seek(el.value_offset)
+        raw = RawDataElement(BaseTag(tag), el.vr, el.length, fp.read(el.length), el.value_offset, implicit, little)
+        raws[raw.tag] = raw
+        if tag == 0x00080005:
+            charset = raw
+    ds = Dataset(raws)
+    encoding = (convert_encodings(convert_raw_data_element(charset).value) if charset is not None
+                else default_encoding)
+    ds.set_original_encoding(implicit, little, encoding)
+    ds.file_meta = read_file_meta_info(path)
+    return ds
 
 
 def _check_vrs(layout: Layout, fp: BinaryIO) -> None:
@@ -418,18 +508,36 @@ def _least_stream_bytes(h: fr.FrameHeader) -> int:
     return 0
 
 
-def _decode_all(path: Path, g: _Geometry) -> None:
-    """Decode every frame, one at a time, and compare each with the declared shape and bit depth."""
+def _pixel_options(ds: Dataset, tsyntax: UID, pixel: Any) -> dict[str, Any]:
+    """The decoder's options, as ``iter_pixels`` would take them from the file, here from the header read once."""
+    opts = as_pixel_options(ds)
+    opts["transfer_syntax_uid"] = tsyntax
+    opts["pixel_keyword"] = "PixelData"
+    if pixel.vr is not None:  # explicit VR: OB or OW, which tells the decoder how to swap big endian data
+        opts["pixel_vr"] = pixel.vr
+    return opts
+
+
+def _decode_all(path: Path, g: _Geometry, opts: dict[str, Any], value_offset: int) -> None:
+    """Decode every frame, one at a time, and compare each with the declared shape and bit depth.
+
+    The decoder reads the Pixel Data value from the file at ``value_offset``
+    (frame by frame, never the whole value), as ``iter_pixels(path)`` does
+    after parsing the header a second time.
+    """
     want = (g.rows, g.columns) if g.samples == 1 else (g.rows, g.columns, g.samples)
     itemsize = max(g.bits // 8, 1)
     count = 0
-    for arr in iter_pixels(path):
-        count += 1
-        if count > g.frames:
-            break
-        if arr.shape != want or arr.dtype.itemsize not in (itemsize, 8 if g.bits == 32 else itemsize):
-            raise _Refused(UNDECODABLE, "pixel data undecodable",
-                           f"frame {count} decoded to {arr.shape} {arr.dtype}, the attributes declare {want} "
-                           f"at {g.bits} bits")
+    decoder = get_decoder(opts["transfer_syntax_uid"])
+    with open(path, "rb") as fp:
+        fp.seek(value_offset)
+        for arr, _ in decoder.iter_array(fp, validate=True, **opts):
+            count += 1
+            if count > g.frames:
+                break
+            if arr.shape != want or arr.dtype.itemsize not in (itemsize, 8 if g.bits == 32 else itemsize):
+                raise _Refused(UNDECODABLE, "pixel data undecodable",
+                               f"frame {count} decoded to {arr.shape} {arr.dtype}, the attributes declare {want} "
+                               f"at {g.bits} bits")
     if count != g.frames:
         raise _Refused(UNDECODABLE, "pixel data undecodable", f"{count} frames decoded, NumberOfFrames = {g.frames}")

@@ -155,6 +155,35 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+#: the study columns and the header keyword each is taken from
+_STUDY_KEYWORDS: dict[str, str] = {
+    "patient_id": "PatientID", "patient_name": "PatientName", "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex", "study_date": "StudyDate", "study_time": "StudyTime",
+    "accession_number": "AccessionNumber", "study_description": "StudyDescription", "study_id": "StudyID",
+    "referring_physician_name": "ReferringPhysicianName", "specific_character_set": "SpecificCharacterSet",
+}
+
+#: every header attribute :meth:`Store.store_received` reads: what a caller's ``header`` must hold where present
+INDEXED_KEYWORDS: frozenset[str] = frozenset({
+    *_STUDY_KEYWORDS.values(), "Modality", "SeriesDescription", "SeriesNumber", "SeriesDate", "SeriesTime",
+    "FrameOfReferenceUID", "BodyPartExamined", "ImagesInAcquisition", "InstanceNumber", "Rows", "Columns",
+    "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+})
+
+
+def _index_values(ds: Dataset) -> dict[str, Any]:
+    """Every header value the index rows take, read at once (before the file is moved: deferred values are read)."""
+    values: dict[str, Any] = {col: _text(ds, kw) for col, kw in _STUDY_KEYWORDS.items()}
+    values.update(
+        modality=_text(ds, "Modality"), series_description=_text(ds, "SeriesDescription"),
+        series_number=_int(ds, "SeriesNumber"), series_date=_text(ds, "SeriesDate"),
+        series_time=_text(ds, "SeriesTime"), frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        body_part=_text(ds, "BodyPartExamined"), announced_count=_int(ds, "ImagesInAcquisition"),
+        instance_number=_int(ds, "InstanceNumber"), rows=_int(ds, "Rows"), columns=_int(ds, "Columns"),
+        number_of_frames=_int(ds, "NumberOfFrames"))
+    return values
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -283,13 +312,19 @@ class Store:
             raise StoreError(f"cannot prepare the store under {self.root} (database {self.db_path}): {db.error_text(exc)}; "
                              "check permissions, free space and that the database server is reachable") from exc
 
+    @staticmethod
+    def sync_file(path: Path) -> int:
+        """fsync a file written for :meth:`store_received` and return its size (for its ``synced``)."""
+        return _fsync_file(path)
+
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         return Path("instances") / study_uid / series_uid / f"{sop_instance_uid}.dcm"
 
     # -- writing ----------------------------------------------------------------------
 
     def store_received(self, tmp_path: Path, calling_ae: str, origin: str = "received", *,
-                       called_ae: str | None = None) -> StoreResult:
+                       called_ae: str | None = None, header: Dataset | None = None,
+                       synced: Callable[[], int] | None = None) -> StoreResult:
         """Move a complete Part-10 file into the store and index it; idempotent on SOP Instance UID.
 
         ``tmp_path`` should lie under :attr:`tmp_dir` (same filesystem).  The
@@ -298,15 +333,25 @@ class Store:
         file that is not a storable instance (left in place for the caller)
         and :class:`StoreError` when the disk or the index fails.
         ``called_ae`` is the Called AE Title it was sent to; a duplicate keeps
-        the one of its first arrival.
+        the one of its first arrival.  ``header`` is the file's header when the
+        caller has read it already (the intake check did; it must hold
+        :data:`INDEXED_KEYWORDS` where the file has them, and the File Meta):
+        the file is then not parsed a second time.  ``synced`` waits for
+        an fsync of the file the caller started earlier (:meth:`sync_file`, on
+        another thread while it checked the file) and returns the file's size;
+        without it the file is fsynced here.  Either way it is durable before
+        it is renamed into place.
         """
         if origin not in ("received", "derived"):
             raise ValueError("origin is 'received' or 'derived'")
         tmp_path = Path(tmp_path)
-        try:
-            ds = dcmread(tmp_path, stop_before_pixels=True)
-        except Exception as exc:
-            raise InvalidInstanceError(f"cannot read the DICOM header: {scrub(str(exc))}") from exc
+        if header is not None:
+            ds = header
+        else:
+            try:
+                ds = dcmread(tmp_path, stop_before_pixels=True)
+            except Exception as exc:
+                raise InvalidInstanceError(f"cannot read the DICOM header: {scrub(str(exc))}") from exc
         study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -318,17 +363,21 @@ class Store:
         rel = self.relative_path(study_uid, series_uid, sop_uid)
         final = self.root / rel
         conn = self._conn()
+        # every value the index takes, read now: a value the header deferred is read from the file, still here
+        values = _index_values(ds)
 
-        # Fast path: a re-send of a stored instance needs no write lock at all.
+        # Fast path: a re-send of a stored instance needs no write lock at all.  Only looked up when its file
+        # is there (every indexed instance has its file); the check under the write lock below decides.
         try:
-            if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone():
+            if final.exists() and conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                                               (sop_uid,)).fetchone():
                 return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
-                                               _text(ds, "PatientID"))
+                                               values["patient_id"])
         except db.Error as exc:
             raise StoreError(f"index lookup failed: {db.error_text(exc)}; check the database {self.db_path}") from exc
 
         try:
-            size = _fsync_file(tmp_path)  # the slow part, done before taking the write lock
+            size = synced() if synced is not None else _fsync_file(tmp_path)  # slow: before taking the write lock
             _make_dirs(final.parent)
         except OSError as exc:
             raise StoreError(f"cannot write {final.parent}: {exc}; check free space and permissions under {self.root}") from exc
@@ -346,7 +395,7 @@ class Store:
                     os.replace(tmp_path, final)
                     placed = True
                     _fsync_dir(final.parent)
-                    self._index(tx, ds, study_uid, series_uid, sop_uid, sop_class, tsyntax, rel, size, now,
+                    self._index(tx, values, study_uid, series_uid, sop_uid, sop_class, tsyntax, rel, size, now,
                                 calling_ae, origin, called_ae)
         except (db.Error, OSError) as exc:
             if placed:
@@ -359,11 +408,11 @@ class Store:
             raise StoreError(f"storing instance {sop_uid} failed: {db.error_text(exc)}; check free space and the database {self.db_path}") from exc
         if duplicate:
             return self._discard_duplicate(tmp_path, sop_uid, series_uid, study_uid, final, sop_class,
-                                               _text(ds, "PatientID"))
+                                           values["patient_id"])
         log.debug("store.instance.stored", extra=fields(sop_instance_uid=sop_uid, series_uid=series_uid,
                                                           size_bytes=size, origin=origin))
         return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=False, sop_class_uid=sop_class,
-                           patient_id=_text(ds, "PatientID"))
+                           patient_id=values["patient_id"])
 
     def _discard_duplicate(self, tmp_path: Path, sop_uid: str, series_uid: str, study_uid: str, final: Path,
                            sop_class: str, patient_id: str | None = None) -> StoreResult:
@@ -377,22 +426,11 @@ class Store:
         return StoreResult(sop_uid, series_uid, study_uid, final, duplicate=True, sop_class_uid=sop_class,
                            patient_id=patient_id)
 
-    def _index(self, conn: db.Connection, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str,
+    def _index(self, conn: db.Connection, values: dict[str, Any], study_uid: str, series_uid: str, sop_uid: str,
                sop_class: str, tsyntax: str, rel: Path, size: int, now: float, calling_ae: str, origin: str,
                called_ae: str | None = None) -> None:
-        study = {
-            "patient_id": _text(ds, "PatientID"),
-            "patient_name": _text(ds, "PatientName"),
-            "patient_birth_date": _text(ds, "PatientBirthDate"),
-            "patient_sex": _text(ds, "PatientSex"),
-            "study_date": _text(ds, "StudyDate"),
-            "study_time": _text(ds, "StudyTime"),
-            "accession_number": _text(ds, "AccessionNumber"),
-            "study_description": _text(ds, "StudyDescription"),
-            "study_id": _text(ds, "StudyID"),
-            "referring_physician_name": _text(ds, "ReferringPhysicianName"),
-            "specific_character_set": _text(ds, "SpecificCharacterSet"),
-        }
+        """The instance's rows, from :func:`_index_values` of its header."""
+        study = {c: values[c] for c in _STUDY_KEYWORDS}
         cols = ", ".join(study)
         conn.execute(
             f"INSERT INTO studies (study_uid, {cols}) VALUES (?, {', '.join('?' * len(study))}) "
@@ -407,10 +445,10 @@ class Store:
                 " series_time, frame_of_reference_uid, body_part, announced_count, instance_count, first_received,"
                 " last_received, state, state_reason, state_changed, origin)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, 'open', 'first instance', ?, ?)",
-                (series_uid, study_uid, _text(ds, "Modality"), _text(ds, "SeriesDescription"),
-                 _int(ds, "SeriesNumber"), _text(ds, "SeriesDate"), _text(ds, "SeriesTime"),
-                 _text(ds, "FrameOfReferenceUID"), _text(ds, "BodyPartExamined"),
-                 _int(ds, "ImagesInAcquisition"), now, now, now, origin),
+                (series_uid, study_uid, values["modality"], values["series_description"],
+                 values["series_number"], values["series_date"], values["series_time"],
+                 values["frame_of_reference_uid"], values["body_part"],
+                 values["announced_count"], now, now, now, origin),
             )
         else:
             reopen = row["state"] != SeriesState.OPEN
@@ -420,7 +458,7 @@ class Store:
                 " frame_of_reference_uid = COALESCE(frame_of_reference_uid, ?)"
                 + (", state = 'open', state_reason = ?, state_changed = ?" if reopen else "")
                 + " WHERE series_uid = ?",
-                (now, _int(ds, "ImagesInAcquisition"), _text(ds, "FrameOfReferenceUID"),
+                (now, values["announced_count"], values["frame_of_reference_uid"],
                  *((REOPEN_REASON, now) if reopen else ()), series_uid),
             )
             if reopen:
@@ -430,8 +468,8 @@ class Store:
             "INSERT INTO instances (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax_uid, instance_number,"
             " rows, columns, number_of_frames, path, size_bytes, received_at, calling_ae, called_ae)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (sop_uid, series_uid, sop_class, tsyntax, _int(ds, "InstanceNumber"), _int(ds, "Rows"),
-             _int(ds, "Columns"), _int(ds, "NumberOfFrames"), rel.as_posix(), size, now, calling_ae,
+            (sop_uid, series_uid, sop_class, tsyntax, values["instance_number"], values["rows"],
+             values["columns"], values["number_of_frames"], rel.as_posix(), size, now, calling_ae,
              (called_ae or "").strip() or None),
         )
 
@@ -542,7 +580,7 @@ class Store:
                         continue
                     size = path.stat().st_size
                     os.replace(path, final)
-                    self._index(tx, ds, study_uid, series_uid, sop_uid, sop_class,
+                    self._index(tx, _index_values(ds), study_uid, series_uid, sop_uid, sop_class,
                                 str(ds.file_meta.TransferSyntaxUID), rel, size, now, calling_ae, "derived")
                     stored.append(StoreResult(sop_uid, series_uid, study_uid, final, False, sop_class))
                 for d in {r.path.parent for r in stored}:

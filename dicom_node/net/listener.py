@@ -46,6 +46,12 @@ VERIFICATION_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.2",
 )
 
+#: the Maximum Length we announce for the P-DATA PDUs we receive: 128 KiB, the most DCMTK sends
+#: (ASC_MAXIMUMPDUSIZE), instead of pynetdicom's 16 KiB.  A 516 KiB CT slice then comes in 5 PDUs, not 33,
+#: and each PDU costs pynetdicom a turn of its reactor (docs/ingest.md).  It bounds nothing on our side:
+#: pynetdicom reads whatever length a PDU declares, so a hostile peer gains nothing from a larger value.
+RECEIVE_PDU_BYTES = 128 * 1024
+
 #: an event and its handler, as ``AE.start_server(evt_handlers=...)`` takes them
 Handler = tuple[evt.EventType, Callable[..., Any]]
 
@@ -99,6 +105,7 @@ class Listener:
         # on the acceptor this bounds the wait for the A-ASSOCIATE-RQ and PS3.8's ARTIM timer
         ae.acse_timeout = node.artim_timeout_s
         ae.dimse_timeout = node.network_timeout_s
+        ae.maximum_pdu_size = RECEIVE_PDU_BYTES
         for service in self.services:
             service.configure(ae)
         return ae

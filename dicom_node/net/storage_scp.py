@@ -11,15 +11,24 @@ Datasets are never held whole in memory: pynetdicom writes each incoming
 dataset to a temporary file while it arrives (``<root>/tmp/spool``, ``spool.py``); the handler copies it behind our
 own File Meta Information into the store's ``tmp`` folder and hands that file
 to the store.
+
+Each instance is read once (docs/ingest.md): the file's fsync starts on a
+thread of its own as soon as it is written and runs while the intake check
+reads it (CPU against disk); the check hands the header values it read to the
+store, which indexes from them and renames the file only once that fsync has
+returned, then fsyncs the folder and commits the row.  Success still comes
+after all four.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import struct
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomFileLike
@@ -51,7 +60,7 @@ from dicom_node.config import LimitsConfig
 from dicom_node.dicom import validation
 from dicom_node.dicom.uids import UID_PATTERN
 from dicom_node.index.disk import DiskGuard
-from dicom_node.index.store import InvalidInstanceError, Store, StoreError
+from dicom_node.index.store import INDEXED_KEYWORDS, InvalidInstanceError, Store, StoreError
 from dicom_node.logs import fields
 from dicom_node.net import spool, statuses
 from dicom_node.net.association import called_ae
@@ -109,6 +118,10 @@ _PROBLEM_STATUS = {
 }
 
 
+#: threads for the received files' fsyncs: a disk takes few at once, more associations queue behind them
+_SYNC_THREADS = 4
+
+
 def _c_store(event: evt.Event) -> C_STORE:
     """The request of an EVT_C_STORE event (pynetdicom types ``event.request`` as any DIMSE request)."""
     request = event.request
@@ -139,10 +152,33 @@ def write_part10(event: evt.Event, dest: Path, calling_ae: str) -> None:
             assert data is not None  # not streamed to a file: pynetdicom kept the data set in memory
             out.write(data.getvalue())
             return
-        _, offset = split_dataset(Path(src_path))
         with open(src_path, "rb") as src:
+            offset = _spooled_dataset_offset(src)
+            if offset is None:
+                _, offset = split_dataset(Path(src_path))
             src.seek(offset)
             shutil.copyfileobj(src, out, 1 << 20)
+
+
+#: how pynetdicom's spool file starts: preamble, "DICM", then (0002,0000) UL of length 4, explicit VR LE
+_SPOOL_HEAD = struct.Struct("<128x4sHH2sHI")
+
+
+def _spooled_dataset_offset(src: BinaryIO) -> int | None:
+    """Where the dataset starts in pynetdicom's spool file, from its File Meta group length; None if not there.
+
+    pynetdicom writes the spool file itself (preamble and a File Meta with
+    its group length, ``write_file_meta_info``), so its first 144 bytes tell
+    where the File Meta ends without parsing it (``split_dataset`` does);
+    anything else falls back to parsing.
+    """
+    head = src.read(_SPOOL_HEAD.size)
+    if len(head) != _SPOOL_HEAD.size:
+        return None
+    magic, group, element, vr, length, group_length = _SPOOL_HEAD.unpack(head)
+    if magic != b"DICM" or (group, element, vr, length) != (2, 0, b"UL", 4):
+        return None
+    return _SPOOL_HEAD.size + group_length
 
 
 def _loggable_uid(value: object) -> str:
@@ -180,6 +216,8 @@ class StorageService:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
+        #: fsyncs of received files, overlapped with their intake check (``_store``)
+        self._syncs = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fsync")
 
     def wait_idle(self, timeout: float) -> bool:
         """True once no C-STORE is being written (a clean stop waits for this before aborting associations)."""
@@ -272,23 +310,32 @@ class StorageService:
 
     def _store(self, event: evt.Event, calling_ae: str, sop_uid: str, counts: _Counts) -> int:
         tmp = self.store.new_tmp_path(".dcm")
+        synced: Future[int] | None = None
         try:
             try:
                 write_part10(event, tmp, calling_ae)
             except OSError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "cannot write temporary file",
                                     f"{exc}; check free space under {self.store.root}", sop_uid, calling_ae)
-            problem = validation.validate_instance(tmp, str(event.request.AffectedSOPClassUID),
-                                                  str(_c_store(event).AffectedSOPInstanceUID), self.gate)
+            # the file's fsync (disk) runs while it is checked (CPU); the store waits for it before the rename
+            synced = self._syncs.submit(self.store.sync_file, tmp)
+            intake = validation.check_instance(tmp, str(event.request.AffectedSOPClassUID),
+                                               str(_c_store(event).AffectedSOPInstanceUID), self.gate,
+                                               INDEXED_KEYWORDS)
+            problem = intake.problem
             if problem is not None:
                 return self._reject(_PROBLEM_STATUS[problem.kind], problem.reason, problem.detail, sop_uid, calling_ae)
             try:
-                result = self.store.store_received(tmp, calling_ae, called_ae=called_ae(event.assoc))
+                # the header the check read is the one indexed: the file is parsed once
+                result = self.store.store_received(tmp, calling_ae, called_ae=called_ae(event.assoc),
+                                                   header=intake.header, synced=synced.result)
             except StoreError as exc:
                 return self._reject(statuses.OUT_OF_RESOURCES, "store failed", str(exc), sop_uid, calling_ae)
             except InvalidInstanceError as exc:
                 return self._reject(statuses.DOES_NOT_MATCH_SOP_CLASS, str(exc), "", sop_uid, calling_ae)
         finally:
+            if synced is not None:
+                wait([synced])  # a refused file's fsync is not left running on a file about to be removed
             tmp.unlink(missing_ok=True)  # consumed on success; removed on every other path
         study = counts.studies.setdefault(result.study_uid, audit.Study(result.study_uid))
         study.patient_id = study.patient_id or result.patient_id
