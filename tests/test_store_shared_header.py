@@ -100,3 +100,23 @@ def test_a_failed_fsync_stores_nothing(store):
     with pytest.raises(StoreError, match="free space"):
         store.store_received(tmp, "MODALITY", synced=synced)
     assert store.get_instance(ds.SOPInstanceUID) is None and not list(store.root.glob("instances/*/*/*.dcm"))
+
+
+def test_the_index_reads_only_the_keywords_it_declares():
+    """A new index column whose keyword is missing from INDEXED_KEYWORDS would be NULL for every
+    received instance (the intake check's header holds only those): every keyword the index
+    reads must be declared."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.index.store import INDEXED_KEYWORDS, _index_values
+
+    class Recording(Dataset):
+        read: set[str] = set()
+
+        def get(self, key, default=None):  # type: ignore[override]  # records, then answers as a Dataset does
+            if isinstance(key, str):
+                Recording.read.add(key)
+            return super().get(key, default)
+
+    _index_values(Recording())
+    assert Recording.read and Recording.read <= INDEXED_KEYWORDS, Recording.read - INDEXED_KEYWORDS
