@@ -110,11 +110,46 @@ def main(argv=None) -> int:
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {secs:.2f} |" for name, secs in stages]
     lines.append(f"| **last image received -> fused series stored at the destination** | **{total:.1f}** |")
+    if r.get("vgg_precision"):
+        import pydicom
+
+        first_file = next(p for p in sorted(Path(folders[0]).iterdir()) if p.is_file())
+        lines.append("\n" + vgg_rate(r["vgg_precision"], int(pydicom.dcmread(first_file, stop_before_pixels=True).Rows)))
     text = "\n".join(lines) + "\n"
     append_section(args.out, "# Node latency, stage by stage\n\nEach section is one run of `benchmarks/node_latency.py` "
                              "on this repository's CI-sized machine (2 cores, no GPU) unless it says otherwise.\n", text)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def vgg_rate(precision: str, size: int, slices: int = 2) -> str:
+    """The VGG-feature stage's GFLOP/s as a share of this machine's matmul peak, both measured now.
+
+    Measured after the job, in this process and at the job's slice size (three exposures of
+    ``slices`` slices, as the job runs them), so a figure means the same on any machine.
+    """
+    import numpy as np
+
+    from benchmarks.allocator import _FLOP_PER_PIXEL, matmul_peak
+    from benchmarks.speed import load_stack
+    from fusion.features import load_vgg16
+    from fusion.gradients import exposure_gradients
+
+    a, b = load_stack(slices, size)
+    a, b = a.astype(np.float32) / 255, b.astype(np.float32) / 255
+    exposures = np.stack([a, b, (a + b) / 2])
+    model = load_vgg16()
+    exposure_gradients(exposures[:, :1], "vgg", model=model, precision=precision)  # warm-up
+    t0 = time.perf_counter()
+    exposure_gradients(exposures, "vgg", model=model, precision=precision)  # type: ignore[arg-type]
+    wall = time.perf_counter() - t0
+    gflops = _FLOP_PER_PIXEL * size * size * 3 * slices / wall / 1e9
+    peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
+    return (f"VGG-feature stage measured after the job ({slices} x {size}² slices x 3 exposures, {precision}): "
+            f"{wall / slices:.2f} s a slice, {gflops:.1f} GFLOP/s (VGG16 to relu2_2, counted analytically) = "
+            f"**{gflops / peaks[precision]:.2f} of this machine's {precision} matmul peak** "
+            f"({peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} bf16, 2048² torch matmul measured in the "
+            "same run); the rest of a slice's time is the derivatives and structure tensors of the feature maps.")
 
 
 if __name__ == "__main__":
