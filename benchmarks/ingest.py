@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import sqlalchemy
 from dicom_helpers import dcmtk, free_port, wait_listening
+from serve_process import stop_process
 
 from benchmarks.report import append_section
 from fusion.environment import child_environment, dcmtk_environment
@@ -161,11 +162,7 @@ quiet_seconds = 3600
         # n - 1 intervals between the first and the last instance indexed
         return (row["n"] - 1) / (row["t1"] - row["t0"])
     finally:
-        node.terminate()
-        try:
-            node.wait(30)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        stop_process(node, 30)
         log.close()
 
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from dask_cluster import DaskCluster
 from dicom_helpers import dcmtk, free_port, storescu, wait_listening
 from postgres_server import PostgresServer
-from serve_process import pacs_pipeline_toml, start_serve
+from serve_process import pacs_pipeline_toml, start_serve, stop_process
 
 from benchmarks.report import append_section
 from dicom_node.index import db
@@ -115,11 +115,7 @@ def run_config(name: str, work: Path, pairs: list[tuple[Path, Path]], *, quiet: 
                 " (j.base_series_uid, j.overlay_series_uid)) AS first_in FROM jobs j ORDER BY j.id").fetchall()
             database.close()
         finally:
-            node.terminate()
-            try:
-                node.wait(60)
-            except subprocess.TimeoutExpired:
-                node.kill()
+            stop_process(node, 60)
     finally:
         if cluster is not None:
             cluster.close()

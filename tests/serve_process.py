@@ -181,3 +181,14 @@ def start_serve(config: Path, port: int, log: Path, env: dict[str, str] | None =
         proc.kill()
         raise
     return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout`` s: a node (or peer) process stopped as an operator would."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
