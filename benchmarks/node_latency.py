@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def vgg_rate(precision: str, size: int, slices: int = 2) -> str:
+def vgg_rate(precision: Literal["fp32", "bf16"], size: int, slices: int = 2) -> str:
     """The VGG-feature stage's GFLOP/s as a share of this machine's matmul peak, both measured now.
 
     Measured after the job, in this process and at the job's slice size (three exposures of
@@ -141,7 +142,7 @@ def vgg_rate(precision: str, size: int, slices: int = 2) -> str:
     model = load_vgg16()
     exposure_gradients(exposures[:, :1], "vgg", model=model, precision=precision)  # warm-up
     t0 = time.perf_counter()
-    exposure_gradients(exposures, "vgg", model=model, precision=precision)  # type: ignore[arg-type]
+    exposure_gradients(exposures, "vgg", model=model, precision=precision)
     wall = time.perf_counter() - t0
     gflops = _FLOP_PER_PIXEL * size * size * 3 * slices / wall / 1e9
     peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
