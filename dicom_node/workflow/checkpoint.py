@@ -42,10 +42,7 @@ class Checkpoints:
     """The checkpoints of one job run; every save happens only while this run holds the job's lease."""
 
     def __init__(self, queue: JobQueue, job: Job, root: Path, seed: str):
-        self._job_id, self._version, self._seed = job.id, job.version, seed
-        self._save_doc: Callable[[dict[str, Any]], None] = lambda doc: queue.save_checkpoint(job.id, doc)
-        self._doc: dict[str, Any] = dict(job.checkpoint or {})
-        self._fused_path = folder(root) / f"job-{job.id}-v{job.version}.npz"
+        self._bind(job.checkpoint, job.id, job.version, root, seed, lambda doc: queue.save_checkpoint(job.id, doc))
 
     @classmethod
     def detached(cls, doc: dict[str, Any] | None, job_id: int, version: int, root: Path, seed: str,
@@ -58,10 +55,14 @@ class Checkpoints:
         always, which the worker sees at the node's path.
         """
         self = cls.__new__(cls)
-        self._job_id, self._version, self._seed, self._save_doc = job_id, version, seed, save_doc
-        self._doc = dict(doc or {})
-        self._fused_path = folder(root) / f"job-{job_id}-v{version}.npz"
+        self._bind(doc, job_id, version, root, seed, save_doc)
         return self
+
+    def _bind(self, doc: dict[str, Any] | None, job_id: int, version: int, root: Path, seed: str,
+              save_doc: Callable[[dict[str, Any]], None]) -> None:
+        self._job_id, self._version, self._seed, self._save_doc = job_id, version, seed, save_doc
+        self._doc: dict[str, Any] = dict(doc or {})
+        self._fused_path = folder(root) / f"job-{job_id}-v{version}.npz"
 
     @property
     def document(self) -> dict[str, Any]:
