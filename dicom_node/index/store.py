@@ -184,6 +184,19 @@ def _index_values(ds: Dataset) -> dict[str, Any]:
     return values
 
 
+def completed_file_meta(ds: Dataset) -> FileMetaDataset:
+    """A copy of ``ds.file_meta`` completed for the Part-10 file the store writes of a dataset the node made.
+
+    Media Storage SOP Class/Instance from the dataset; Explicit VR Little Endian unless it says otherwise.
+    """
+    meta = FileMetaDataset(getattr(ds, "file_meta", None) or FileMetaDataset())
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -479,11 +492,7 @@ class Store:
         ``ds.file_meta`` is completed when parts are missing (Explicit VR Little
         Endian unless the dataset says otherwise); the dataset is not modified otherwise.
         """
-        meta = FileMetaDataset(getattr(ds, "file_meta", None) or FileMetaDataset())
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if "TransferSyntaxUID" not in meta:
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta = completed_file_meta(ds)
         tmp = self.new_tmp_path()
         saved_meta = getattr(ds, "file_meta", None)
         try:
@@ -521,11 +530,7 @@ class Store:
         files: list[Path] = []
         try:
             for i, ds in enumerate(datasets):
-                meta = FileMetaDataset(getattr(ds, "file_meta", None) or FileMetaDataset())
-                meta.MediaStorageSOPClassUID = ds.SOPClassUID
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-                if "TransferSyntaxUID" not in meta:
-                    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                meta = completed_file_meta(ds)
                 saved_meta = getattr(ds, "file_meta", None)
                 path = folder / f"{i:05d}.dcm"
                 try:

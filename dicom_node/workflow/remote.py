@@ -160,16 +160,10 @@ def job_request(key: str, inputs: JobInputs, settings: NodeSettings, root: Path,
 
 
 def part10(ds: Any) -> bytes:
-    """A dataset as the Part-10 file the store would write (File Meta as in ``Store.stage``)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    """A dataset as the Part-10 file the store would write (its File Meta: ``store.completed_file_meta``)."""
+    from dicom_node.index.store import completed_file_meta
 
-    meta = FileMetaDataset(getattr(ds, "file_meta", None) or FileMetaDataset())
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if "TransferSyntaxUID" not in meta:
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds.file_meta = completed_file_meta(ds)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
